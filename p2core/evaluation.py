@@ -58,7 +58,8 @@ class RandomFeatures(nn.Module):
                                  nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(), nn.Conv2d(64, 128, 3, stride=2),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
         for p in self.net.parameters():
-            p.data = torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5)
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.data = torch.randn(p.shape, generator=g) * ((2.0 / fan_in) ** 0.5 if p.ndim > 1 else 0.1)
 
     def forward(self, x):
         return self.net((x - 128.0) / 128.0)

