@@ -276,6 +276,8 @@ class Trainer:
                 while pending_eval and self.images_seen >= pending_eval[0]:
                     pending_eval.pop(0)
                     final = self.images_seen >= tr.total_images
+                    if final:
+                        self.plot_losses()  # before the last evaluation: a scheduler may end the run at its report
                     last_eval = self.evaluate(final=final)
                 if self.images_seen >= next_ckpt or self.images_seen >= tr.total_images:
                     self.save_checkpoint()

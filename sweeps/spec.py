@@ -1,0 +1,258 @@
+"""Sweep files: one YAML per sweep, validated without importing Ray (errors name the key, exit 2).
+
+    base: configs/fmnist_cpu.yaml      # a training config path (relative to the sweep file or the cwd) or a mapping
+    overrides: {train.total_images: 6000}
+    metric: kid256_ddim10              # exact metric name; the base config must produce it
+    space:                             # dotted config paths -> one value kind each
+      diffusion.p2_gamma: {grid: [0.0, 1.0]}
+      diffusion.p2_k: {loguniform: [0.1, 10]}
+      diffusion.noise_schedule: {choice: [linear, cosine]}
+      train.lr: {uniform: [1e-4, 3e-4]}
+      model.num_res_blocks: {randint: [1, 3]}    # inclusive
+    search: {algorithm: grid|random|optuna, num_samples: 1, max_concurrent: 0, seed: 0}
+    scheduler: {type: asha|none, grace_period_images: 2000, max_images: 0, reduction_factor: 3}
+    seeds: [0]                          # replicates: each configuration once per seed (train.seed)
+    resources: {cpu: 1, gpu: 0}
+    max_failures: 1
+    storage: ""                         # default $P2SWEEP_STORAGE or ~/p2sweep
+    tracking: {mlflow_uri: "", optuna_storage: "", cache_dir: ""}
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+
+from p2core.config import TrainingConfig, apply_overrides, config_from_dict, flatten, safe_load_yaml
+from p2core.errors import UserError
+
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+TOP_KEYS = {"name", "base", "overrides", "metric", "mode", "space", "search", "scheduler", "seeds", "resources",
+            "max_failures", "storage", "tracking", "description"}
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: dict  # the base training config as a nested dict (overrides applied)
+    metric: str
+    space: dict  # dotted key -> (kind, values)
+    algorithm: str = "grid"
+    num_samples: int = 1
+    max_concurrent: int = 0
+    search_seed: int = 0
+    scheduler: str = "asha"
+    grace_period_images: int = 0
+    max_images: int = 0
+    reduction_factor: int = 3
+    seeds: list = field(default_factory=lambda: [0])
+    cpu: float = 1.0
+    gpu: float = 0.0
+    max_failures: int = 1
+    storage: str = ""
+    mlflow_uri: str = ""
+    optuna_storage: str = ""
+    cache_dir: str = ""
+    source_yaml: str = ""
+
+    def base_config(self) -> TrainingConfig:
+        return config_from_dict(self.base)
+
+    def rungs(self) -> list[int]:
+        """ASHA's milestones in images: grace * rf^k up to max_images (the evaluation points must include them)."""
+        if self.scheduler != "asha":
+            return []
+        out, r = [], self.grace_period_images
+        while r < self.max_images:
+            out.append(int(r))
+            r *= self.reduction_factor
+        return out + [self.max_images]
+
+    def grid_size(self) -> int:
+        n = 1
+        for kind, vals in self.space.values():
+            if kind == "grid":
+                n *= len(vals)
+        return n
+
+    def num_trials(self) -> int | None:
+        if self.algorithm == "optuna":
+            return self.num_samples * len(self.seeds)
+        return self.grid_size() * self.num_samples * len(self.seeds)
+
+
+def _need(cond, key, msg):
+    if not cond:
+        raise UserError(f"{key}: {msg}")
+
+
+def _num(v, key):
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    _need(isinstance(v, (int, float)) and not isinstance(v, bool), key, f"expected a number, got {v!r}")
+    return v
+
+
+def parse_space(raw, base_flat: dict) -> dict:
+    _need(isinstance(raw, dict) and raw, "space", "expected a mapping of dotted config keys to value kinds")
+    out = {}
+    for key, spec in raw.items():
+        k = f"space.{key}"
+        _need(key in base_flat, k, "not a training config key (use dotted paths like diffusion.p2_gamma)")
+        _need(key != "train.seed", k, "use the top-level `seeds:` list for replicates")
+        _need(isinstance(spec, dict) and len(spec) == 1, k, f"expected one of {{{', '.join(KINDS)}}}: VALUES")
+        kind, vals = next(iter(spec.items()))
+        _need(kind in KINDS, k, f"unknown value kind {kind!r} (expected {', '.join(KINDS)})")
+        _need(isinstance(vals, list) and vals, k, f"{kind}: expected a non-empty list")
+        if kind in ("uniform", "loguniform", "randint"):
+            _need(len(vals) == 2, k, f"{kind}: expected [low, high]")
+            lo, hi = (_num(v, k) for v in vals)
+            _need(lo < hi or (kind == "randint" and lo <= hi), k, f"{kind}: low must be below high")
+            _need(kind != "loguniform" or lo > 0, k, "loguniform: bounds must be > 0")
+            if kind == "randint":
+                _need(float(lo).is_integer() and float(hi).is_integer(), k, "randint: bounds must be integers")
+                vals = [int(lo), int(hi)]
+            else:
+                vals = [float(lo), float(hi)]
+        out[key] = (kind, vals)
+    return out
+
+
+def load_sweep(path: str, overrides: dict | None = None) -> SweepSpec:
+    raw = safe_load_yaml(path)
+    _need(isinstance(raw, dict), path, "a sweep file is a mapping")
+    raw = apply_overrides(raw, {k: v for k, v in (overrides or {}).items() if k.split(".")[0] in TOP_KEYS - {"overrides"}})
+    cfg_over = {k[len("base."):]: v for k, v in (overrides or {}).items() if k.startswith("base.")}
+    bad = [k for k in (overrides or {}) if k.split(".")[0] not in TOP_KEYS | {"base"}]
+    if bad:
+        raise UserError(f"--set {bad[0]}: not a sweep key (use base.<config.path>=... for the training config)")
+    try:
+        return parse_sweep(raw, os.path.dirname(os.path.abspath(path)), cfg_over, source=open(path).read())
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source: str = "") -> SweepSpec:
+    for k in raw:
+        _need(k in TOP_KEYS, k, "unknown sweep key")
+    base = raw.get("base")
+    _need(base is not None, "base", "required: a training config path or mapping")
+    if isinstance(base, str):
+        cands = [os.path.join(here, base), base, os.path.join(here, "..", base)]
+        found = next((c for c in cands if os.path.isfile(c)), None)
+        _need(found, "base", f"{base}: no such training config")
+        base = safe_load_yaml(found) or {}
+    _need(isinstance(base, dict), "base", "expected a path or a mapping")
+    ov = raw.get("overrides") or {}
+    _need(isinstance(ov, dict), "overrides", "expected a mapping of dotted keys")
+    base = apply_overrides(base, {**ov, **(cfg_over or {})})
+    metric = raw.get("metric")
+    _need(isinstance(metric, str) and metric, "metric", "required: the exact metric name, e.g. fid10k_250")
+    base["metric"] = metric
+    try:
+        cfg = config_from_dict(copy.deepcopy(base))
+    except UserError as e:
+        raise UserError(f"base config: {e}") from None
+    _need(cfg.eval.enabled, "base.eval.enabled", "a sweep needs evaluation")
+    _need(raw.get("mode", "min") == "min", "mode", "only min is supported (FID/KID: lower is better)")
+    space = parse_space(raw.get("space"), flatten(cfg.to_dict()))
+    # each grid/choice value must itself give a valid config
+    for key, (kind, vals) in space.items():
+        for v in vals if kind in ("grid", "choice") else vals:
+            try:
+                config_from_dict(apply_overrides(base, {key: v}))
+            except UserError as e:
+                raise UserError(f"space.{key}: value {v!r} gives a bad config ({e})") from None
+    search = raw.get("search") or {}
+    _need(isinstance(search, dict), "search", "expected a mapping")
+    for k in search:
+        _need(k in ("algorithm", "num_samples", "max_concurrent", "seed"), f"search.{k}", "unknown key")
+    algo = search.get("algorithm", "grid")
+    _need(algo in ("grid", "random", "optuna"), "search.algorithm", f"unknown algorithm {algo!r} (grid, random or optuna)")
+    if algo == "optuna":
+        _need(all(kind != "grid" for kind, _ in space.values()), "space",
+              "optuna cannot search `grid` values: use `choice`")
+    sch = raw.get("scheduler") or {}
+    _need(isinstance(sch, dict), "scheduler", "expected a mapping")
+    for k in sch:
+        _need(k in ("type", "grace_period_images", "max_images", "reduction_factor"), f"scheduler.{k}", "unknown key")
+    stype = sch.get("type", "asha")
+    _need(stype in ("asha", "none"), "scheduler.type", f"unknown scheduler {stype!r} (asha or none)")
+    max_images = int(sch.get("max_images") or cfg.train.total_images)
+    _need(max_images == cfg.train.total_images, "scheduler.max_images",
+          f"must equal the base config's train.total_images ({cfg.train.total_images})")
+    grace = int(sch.get("grace_period_images") or max(max_images // 9, 1))
+    rf = sch.get("reduction_factor", 3)
+    _need(isinstance(rf, int) and rf >= 2, "scheduler.reduction_factor", "must be an integer >= 2")
+    _need(0 < grace <= max_images, "scheduler.grace_period_images", f"must be in (0, {max_images}]")
+    seeds = raw.get("seeds", [cfg.train.seed])
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), "seeds",
+          "expected a non-empty list of integers")
+    res = raw.get("resources") or {}
+    _need(isinstance(res, dict), "resources", "expected {cpu: N, gpu: N}")
+    for k in res:
+        _need(k in ("cpu", "gpu"), f"resources.{k}", "unknown key (cpu, gpu)")
+    cpu, gpu = float(_num(res.get("cpu", 1), "resources.cpu")), float(_num(res.get("gpu", 0), "resources.gpu"))
+    _need(cpu > 0, "resources.cpu", "must be > 0")
+    _need(gpu >= 0 and (gpu <= 1 or gpu.is_integer()), "resources.gpu", "must be a fraction <= 1 or a whole number")
+    tr = raw.get("tracking") or {}
+    _need(isinstance(tr, dict), "tracking", "expected a mapping")
+    for k in tr:
+        _need(k in ("mlflow_uri", "optuna_storage", "cache_dir"), f"tracking.{k}", "unknown key")
+    ns = search.get("num_samples", 1)
+    _need(isinstance(ns, int) and ns >= 1, "search.num_samples", "must be an integer >= 1")
+    mc = search.get("max_concurrent", 0)
+    _need(isinstance(mc, int) and mc >= 0, "search.max_concurrent", "must be an integer >= 0")
+    mf = raw.get("max_failures", 1)
+    _need(isinstance(mf, int) and mf >= 0, "max_failures", "must be an integer >= 0")
+    name = raw.get("name") or "sweep"
+    _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), "name",
+          "letters, digits, - and _ only")
+    return SweepSpec(name=name, base=base, metric=metric, space=space, algorithm=algo, num_samples=ns,
+                     max_concurrent=mc, search_seed=int(search.get("seed", 0)), scheduler=stype,
+                     grace_period_images=grace, max_images=max_images, reduction_factor=rf, seeds=seeds, cpu=cpu,
+                     gpu=gpu, max_failures=mf, storage=str(raw.get("storage") or ""),
+                     mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
+                     cache_dir=str(tr.get("cache_dir") or ""), source_yaml=source)
+
+
+def describe(spec: SweepSpec) -> str:
+    """The --dry-run text: trials or search setup, resources and a work estimate."""
+    from p2core.plan import eval_points, generated_images
+
+    cfg = spec.base_config()
+    pts = eval_points(cfg, spec.rungs())
+    n = spec.num_trials()
+    lines = [f"sweep {spec.name}: metric {spec.metric} (min), search {spec.algorithm}, scheduler {spec.scheduler}"]
+    for k, (kind, vals) in spec.space.items():
+        lines.append(f"  {k}: {kind} {vals}")
+    lines.append(f"  seeds: {spec.seeds}; sampling specs evaluated at the end: {cfg.eval.sampling_steps}")
+    if spec.scheduler == "asha":
+        lines.append(f"  ASHA rungs (images): {spec.rungs()} (reduction factor {spec.reduction_factor})")
+    lines.append(f"  resources per trial: cpu {spec.cpu:g}, gpu {spec.gpu:g}; max_concurrent "
+                 f"{spec.max_concurrent or 'unlimited'}; max_failures {spec.max_failures}")
+    per_img = cfg.train.total_images
+    gen = generated_images(cfg, len(pts))
+    lines.append(f"  trials: {n}; per trial at most {per_img} images trained, {len(pts)} evaluations at {pts}, "
+                 f"{gen} images generated")
+    lines.append(f"  at most {n * per_img} images trained and {n * gen} generated in all (ASHA stops some early)")
+    return "\n".join(lines)
+
+
+def format_duration(s: str) -> float:
+    """"90m" / "2h" / "45s" / "1.5h" -> seconds."""
+    s = str(s).strip().lower()
+    mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if s[-1] in mult:
+            return float(s[:-1]) * mult[s[-1]]
+        return float(s)
+    except (ValueError, IndexError):
+        raise UserError(f"--time-budget {s!r}: expected e.g. 45m or 2h") from None
+
+
+__all__ = ["SweepSpec", "load_sweep", "parse_sweep", "describe", "format_duration", "math"]
