@@ -33,7 +33,7 @@ demo: install data
 	$(VENV)/bin/p2sweep best demo --storage $(CURDIR)/demo_out --export $(CURDIR)/demo_out/best.yaml
 
 test: install data
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 bench: install data
 	$(PY) bench/train_step.py

@@ -20,10 +20,12 @@ def cmd_run(args) -> int:
         if args.cpus <= 0:
             raise UserError("--cpus must be > 0")
         spec.cpu = args.cpus
+        spec.raw["resources"] = {**(spec.raw.get("resources") or {}), "cpu": args.cpus}
     if args.gpus is not None:
         if args.gpus < 0:
             raise UserError("--gpus must be >= 0")
         spec.gpu = args.gpus
+        spec.raw["resources"] = {**(spec.raw.get("resources") or {}), "gpu": args.gpus}
     name = args.name or spec.name
     budget = format_duration(args.time_budget) if args.time_budget else None
     storage = R.storage_root(args.storage or spec.storage or None)
@@ -33,7 +35,7 @@ def cmd_run(args) -> int:
         return 0
     from .runner import run
 
-    return run(spec, name, storage, args.address, budget)
+    return run(spec, name, storage, args.address, budget, spec_dir=os.path.dirname(os.path.abspath(args.sweep)))
 
 
 def cmd_resume(args) -> int:
@@ -49,11 +51,30 @@ def _trials(name, storage):
     return meta, R.load_trials(d, meta["metric"], meta["max_images"])
 
 
+def _baseline_rows(name, storage, meta):
+    """[(baseline name, metric name, value)] for the sweep's metric family (every sampling spec)."""
+    from p2core.metrics import parse_metric_name
+
+    from .baselines import load_results
+
+    kind, n, _ = parse_metric_name(meta["metric"])
+    rows = []
+    for bname, res in load_results(os.path.join(meta["paths"]["storage"], name)).items():
+        for k, v in sorted(res.items()):
+            if R._is_metric(k) and parse_metric_name(k)[:2] == (kind, n):
+                rows.append((bname, k, v))
+    return rows
+
+
 def cmd_status(args) -> int:
     meta, trials = _trials(args.name, args.storage)
     header, rows = R.status_rows(trials, meta["metric"])
     print(f"sweep {args.name}: {len(trials)} trial(s), metric {meta['metric']}, max {meta['max_images']} images")
     print(format_table(header, rows))
+    b = _baseline_rows(args.name, args.storage, meta)
+    if b:
+        print("baselines (evaluated, not trained):")
+        print(format_table(["baseline", "metric", "value"], [[x, m, f"{v:.5g}"] for x, m, v in b]))
     return 0
 
 
@@ -70,6 +91,10 @@ def cmd_best(args) -> int:
     print(f"sweep {args.name}: ranked by {meta['metric'].split('_')[0]}_<steps> ({args.scope} evaluation, "
           f"mean over seeds; full-length trials first)")
     print(format_table(header, table))
+    b = _baseline_rows(args.name, args.storage, meta)
+    if b:
+        print("baselines (evaluated, not trained; not ranked):")
+        print(format_table(["baseline", "metric", "value"], [[x, m, f"{v:.5g}"] for x, m, v in b]))
     best = rows[0]
     print(f"best: {best['config']} with steps {best['spec']}: {best['mean']:.5g} +- {best['std']:.3g}")
     if args.export:
@@ -91,6 +116,8 @@ def cmd_compare(args) -> int:
             cfg = ", ".join(f"{k}={v}" for k, v in sorted(r["config"].items()))
             table.append([name, cfg, r["metric"], f"{r['mean']:.5g}", f"{r['std']:.3g}", str(r["n"]),
                           "yes" if r["complete"] else "no"])
+        for bname, m, v in _baseline_rows(name, args.storage, meta):
+            table.append([name, f"baseline {bname}", m, f"{v:.5g}", "-", "1", "baseline"])
     header = ["sweep", "config", "metric", "mean", "std", "seeds", "full length"]
     print(format_table(header, table))
     if args.csv:

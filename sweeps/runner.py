@@ -213,7 +213,8 @@ def precompute_reference(spec: SweepSpec, paths: dict) -> None:
                     cache_dir=paths["cache_dir"], progress=True)
 
 
-def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budget_s: float | None) -> int:
+def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budget_s: float | None,
+        spec_dir: str = ".") -> int:
     paths = resolve_paths(spec, storage)
     d = os.path.join(paths["storage"], name)
     if os.path.exists(os.path.join(d, R.META)):
@@ -237,9 +238,23 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
     c.log_text(pid, spec.source_yaml, "sweep.yaml")
     meta = {"name": name, "metric": spec.metric, "max_images": spec.max_images, "base": spec.base,
             "source_yaml": spec.source_yaml, "paths": paths, "parent_run_id": pid, "experiment": name,
-            "address": address}
+            "address": address, "sweep_dir": spec_dir, "raw": spec.raw}
     atomic_json(os.path.join(d, R.META), meta)
+    run_baselines(spec, meta)
     return _fit(spec, meta, address, time_budget_s, restore=False)
+
+
+def run_baselines(spec: SweepSpec, meta: dict) -> None:
+    if not spec.baselines:
+        return
+    from .baselines import evaluate
+    from .tracking import log_baseline
+
+    paths = meta["paths"]
+    d = os.path.join(paths["storage"], meta["name"])
+    evaluate(spec.baselines, spec.base, d, paths["cache_dir"],
+             tracker=lambda b, cfg, res: log_baseline(paths["mlflow_uri"], meta["experiment"],
+                                                      meta["parent_run_id"], b, cfg, res))
 
 
 def resume(name: str, storage: str | None, address: str | None, time_budget_s: float | None) -> int:
@@ -249,12 +264,15 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     d = os.path.join(meta["paths"]["storage"], name)
     if not os.path.exists(os.path.join(d, "tuner.pkl")):
         raise UserError(f"sweep {name!r} has no Ray Tune state to resume in {d}")
-    spec = parse_sweep(yaml.safe_load(meta["source_yaml"]) | {"base": meta["base"], "name": name}, d)
+    raw = dict(meta.get("raw") or yaml.safe_load(meta["source_yaml"]))
+    raw.pop("overrides", None)  # already applied to the stored base
+    spec = parse_sweep(raw | {"base": meta["base"], "name": name}, meta.get("sweep_dir", d))
     spec.source_yaml = meta["source_yaml"]
     privacy_env(local=not (address or os.environ.get("RAY_ADDRESS")))
     from .tracking import client
 
     client(meta["paths"]["mlflow_uri"]).update_run(meta["parent_run_id"], status="RUNNING")
+    run_baselines(spec, meta)  # those already evaluated are skipped
     return _fit(spec, meta, address, time_budget_s, restore=True)
 
 
@@ -278,16 +296,28 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec),
             tune_config=tune.TuneConfig(num_samples=n, search_alg=searcher, scheduler=make_scheduler(spec, d),
-                                        max_concurrent_trials=spec.max_concurrent or None, reuse_actors=False,
-                                        time_budget_s=time_budget_s),
+                                        max_concurrent_trials=spec.max_concurrent or None, reuse_actors=False),
             run_config=tune.RunConfig(name=name, storage_path=paths["storage"], callbacks=[tracker],
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
     interrupted = False
+    timer = None
+    if time_budget_s:
+        # The budget acts like Ctrl-C (Tune saves the experiment with its trials unfinished, so `resume` continues
+        # them); Tune's own time_budget_s would end the trials instead.
+        import signal
+        import threading
+
+        timer = threading.Timer(time_budget_s, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
         interrupted, grid = True, None
+    finally:
+        if timer is not None:
+            timer.cancel()
     states = {}
     if grid is not None:
         for r in grid:

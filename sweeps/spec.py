@@ -29,7 +29,7 @@ from p2core.errors import UserError
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {"name", "base", "overrides", "metric", "mode", "space", "search", "scheduler", "seeds", "resources",
-            "max_failures", "storage", "tracking", "description"}
+            "max_failures", "storage", "tracking", "description", "baselines"}
 
 
 @dataclass
@@ -55,6 +55,8 @@ class SweepSpec:
     optuna_storage: str = ""
     cache_dir: str = ""
     source_yaml: str = ""
+    baselines: list = field(default_factory=list)
+    raw: dict = field(default_factory=dict)  # the sweep file's mapping after --set (stored for resume)
 
     def base_config(self) -> TrainingConfig:
         return config_from_dict(self.base)
@@ -131,9 +133,11 @@ def load_sweep(path: str, overrides: dict | None = None) -> SweepSpec:
     if bad:
         raise UserError(f"--set {bad[0]}: not a sweep key (use base.<config.path>=... for the training config)")
     try:
-        return parse_sweep(raw, os.path.dirname(os.path.abspath(path)), cfg_over, source=open(path).read())
+        spec = parse_sweep(raw, os.path.dirname(os.path.abspath(path)), cfg_over, source=open(path).read())
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    spec.raw = raw
+    return spec
 
 
 def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source: str = "") -> SweepSpec:
@@ -209,6 +213,9 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     _need(isinstance(mc, int) and mc >= 0, "search.max_concurrent", "must be an integer >= 0")
     mf = raw.get("max_failures", 1)
     _need(isinstance(mf, int) and mf >= 0, "max_failures", "must be an integer >= 0")
+    from .baselines import parse_baselines
+
+    baselines = parse_baselines(raw.get("baselines"), base, here)
     name = raw.get("name") or "sweep"
     _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), "name",
           "letters, digits, - and _ only")
@@ -217,7 +224,7 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
                      grace_period_images=grace, max_images=max_images, reduction_factor=rf, seeds=seeds, cpu=cpu,
                      gpu=gpu, max_failures=mf, storage=str(raw.get("storage") or ""),
                      mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
-                     cache_dir=str(tr.get("cache_dir") or ""), source_yaml=source)
+                     cache_dir=str(tr.get("cache_dir") or ""), source_yaml=source, baselines=baselines)
 
 
 def describe(spec: SweepSpec) -> str:
@@ -239,6 +246,9 @@ def describe(spec: SweepSpec) -> str:
     gen = generated_images(cfg, len(pts))
     lines.append(f"  trials: {n}; per trial at most {per_img} images trained, {len(pts)} evaluations at {pts}, "
                  f"{gen} images generated")
+    for b in spec.baselines:
+        lines.append(f"  baseline {b['name']}: {b['checkpoint']} (evaluated, not trained; "
+                     f"{cfg.eval.num_samples * len(cfg.eval.sampling_steps)} images generated)")
     lines.append(f"  at most {n * per_img} images trained and {n * gen} generated in all (ASHA stops some early)")
     return "\n".join(lines)
 

@@ -191,3 +191,26 @@ def reconcile(uri: str, experiment: str, parent_id: str, trial_states: dict, max
             if st.get("images_seen", 0) < max_images:
                 c.set_tag(r.info.run_id, "p2sweep.stopped_at_rung", str(st.get("images_seen", 0)))
             c.set_terminated(r.info.run_id, "FINISHED")
+
+
+def log_baseline(uri: str, experiment: str, parent_id: str, b: dict, cfg, res: dict) -> str:
+    """One child run per baseline (tag p2sweep.role=baseline), found again by name: never duplicated."""
+    from mlflow.entities import Metric, Param
+
+    c = client(uri)
+    exp = ensure_experiment(c, experiment)
+    found = c.search_runs([exp], filter_string=f"tags.`p2sweep.baseline` = '{b['name']}' and "
+                                               f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(exp, run_name=f"baseline {b['name']}", tags={
+        "mlflow.parentRunId": parent_id, ROLE: "baseline", "p2sweep.baseline": b["name"]})
+    rid = run.info.run_id
+    params = {**cfg.flat(), "baseline.checkpoint": b["checkpoint"], "baseline.weights": res.get("weights", "")}
+    batch = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(batch), 100):
+        c.log_batch(rid, params=batch[i:i + 100])
+    ts = int(time.time() * 1000)
+    c.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in _finite_metrics(res).items()])
+    c.set_terminated(rid, "FINISHED")
+    return rid

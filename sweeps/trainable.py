@@ -14,6 +14,7 @@ import tempfile
 
 
 def run_trial(config: dict, base: dict, info: dict) -> None:
+    import ray
     import torch
     from ray import tune
 
@@ -29,6 +30,7 @@ def run_trial(config: dict, base: dict, info: dict) -> None:
     torch.set_num_threads(cfg.train.num_threads)
     out_dir = os.path.join(tune.get_context().get_trial_dir(), "p2")
     metric = info["metric"]
+    node_ip = ray.util.get_node_ip_address()  # 127.0.0.1 for the embedded local Ray (tests check it)
     state = {"last_logged": 0, "last_metric": None, "evals": {}}
     pending_log: list = []
 
@@ -43,7 +45,8 @@ def run_trial(config: dict, base: dict, info: dict) -> None:
             if metric in rec:
                 state["last_metric"] = rec[metric]
             report = {metric: state["last_metric"], "images_seen": trainer.images_seen, "diverged": 0,
-                      "final": int(bool(rec.get("final"))), "train_log": json.dumps(pending_log), **scores}
+                      "final": int(bool(rec.get("final"))), "train_log": json.dumps(pending_log),
+                      "node_ip": node_ip, **scores}
             if pending_log:
                 report["loss"] = pending_log[-1]["loss"]
             pending_log.clear()

@@ -44,12 +44,25 @@ def mlflow_runs(storage, name):
 def faulty(tmp_path_factory):
     """4 trials, run one at a time so that ASHA's decision is deterministic: lr 1e-3 (good) then 0.3 (a bad arm: samples far off at the first rung),
     each with and without a NaN injected at 200 images; every trial also crashes once at 200 images."""
+    import torch
+
+    from p2core.config import config_from_dict
+    from p2core.trainer import Trainer
+
     tmp = str(tmp_path_factory.mktemp("sweep"))
     base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    # two baseline rows: a p2sweep checkpoint and a bare (official-style) EMA state_dict of the same network
+    bcfg = config_from_dict({**base, "train": {**base["train"], "total_images": 64},
+                             "eval": {**base["eval"], "enabled": False}})
+    Trainer(bcfg, os.path.join(tmp, "pre"), progress=False).run()
+    ck = os.path.join(tmp, "pre", "checkpoints", "ckpt_000000000064.pt")
+    torch.save(torch.load(ck, weights_only=True)["ema"], os.path.join(tmp, "ema_0.9999_000064.pt"))
     base["train"]["inject_crash_at_images"] = 200
     p = sweep_file(tmp, "faulty", base=base,
                    space={"train.lr": {"grid": [1.0e-3, 0.3]}, "train.inject_nan_at_images": {"grid": [0, 200]}},
-                   search={"algorithm": "grid", "max_concurrent": 1})
+                   search={"algorithm": "grid", "max_concurrent": 1},
+                   baselines=[{"name": "ours64", "checkpoint": ck},
+                              {"name": "official_style", "checkpoint": "ema_0.9999_000064.pt"}])
     storage = os.path.join(tmp, "store")
     t0 = time.perf_counter()
     r = cli("run", p, "--storage", storage)
@@ -77,6 +90,10 @@ def test_sweep_runs_real_trainer_with_retry_divergence_and_asha(faulty):
     assert t[(0.3, 0)]["state"] == "STOPPED" and t[(0.3, 0)]["images_seen"] == 128  # ASHA stop at the first rung
     # every (trial, steps) pair of a full-length trial is in the results
     assert {"rkid32_ddim5", "rkid32_ddim10", "rfid32_ddim5", "rfid32_ddim10"} <= set(good["evals"])
+    # the embedded Ray stays on loopback
+    from sweeps.results import _read_results
+
+    assert {x["node_ip"] for x in _read_results(os.path.join(good["dir"], "result.json"))} == {"127.0.0.1"}
 
 
 def test_mlflow_one_run_per_trial_with_states(faulty):
@@ -96,6 +113,11 @@ def test_mlflow_one_run_per_trial_with_states(faulty):
     assert len(hist) >= 5 and max(m.step for m in hist) == 384
     arts = {a.path for a in c.list_artifacts(good.info.run_id)}
     assert {"trial_config.yaml", "weight_vs_snr.png", "samples", "loss.png"} <= arts
+    base = [x for x in runs if x.data.tags.get("p2sweep.role") == "baseline"]
+    assert sorted(x.data.tags["p2sweep.baseline"] for x in base) == ["official_style", "ours64"]
+    assert all("rkid32_ddim10" in x.data.metrics and x.info.status == "FINISHED" for x in base)
+    # same weights -> same numbers, whether they came as a p2sweep checkpoint or a bare state_dict
+    assert base[0].data.metrics["rkid32_ddim5"] == pytest.approx(base[1].data.metrics["rkid32_ddim5"])
     p = parents[0]
     assert {"version.torch", "version.ray", "version.mlflow", "git_commit"} <= set(p.data.params)
     assert {"results.csv", "sweep.yaml", "metric_vs_images.png"} <= {a.path for a in c.list_artifacts(p.info.run_id)}
@@ -105,6 +127,7 @@ def test_status_best_export_and_train_the_export(faulty, tmp_path):
     st = faulty["storage"]
     r = cli("status", "faulty", "--storage", st)
     assert r.returncode == 0 and "DIVERGED" in r.stdout and "STOPPED" in r.stdout
+    assert "official_style" in r.stdout and "baselines (evaluated, not trained)" in r.stdout
     out = tmp_path / "best.yaml"
     r = cli("best", "faulty", "--storage", st, "--export", str(out))
     assert r.returncode == 0, r.stderr
@@ -114,7 +137,7 @@ def test_status_best_export_and_train_the_export(faulty, tmp_path):
     r = cli("train", str(out), "--dry-run")
     assert r.returncode == 0, r.stderr
     r = cli("compare", "faulty", "--storage", st, "--plot", str(tmp_path / "c.png"))
-    assert r.returncode == 0 and (tmp_path / "c.png").exists()
+    assert r.returncode == 0 and (tmp_path / "c.png").exists() and "baseline ours64" in r.stdout
     for cmd in ("status", "best", "resume"):
         r = cli(cmd, "nosuch", "--storage", st)
         assert r.returncode == 2 and "nosuch" in r.stderr and "Traceback" not in r.stderr
@@ -129,6 +152,7 @@ def test_status_best_export_and_train_the_export(faulty, tmp_path):
     ({"search": {"algorithm": "optuna"}}, "grid"),
     ({"resources": {"cpu": 0}}, "resources.cpu"),
     ({"bogus": 1}, "bogus"),
+    ({"baselines": [{"name": "x", "checkpoint": "/nonexistent.pt"}]}, "baselines[0].checkpoint"),
 ])
 def test_bad_sweep_files_exit_2_naming_the_key(tmp_path, change, needle):
     p = sweep_file(str(tmp_path), "bad", **change)
@@ -179,3 +203,24 @@ def test_resume_after_killing_the_driver(tmp_path):
     kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
     assert len(kids) == 2 and all(x.info.status == "FINISHED" for x in runs)
     assert len([x for x in runs if x.data.tags.get("p2sweep.role") == "sweep"]) == 1
+
+
+def test_optuna_search_with_asha_persists_study_and_prunes_early_stops(tmp_path):
+    import optuna
+
+    p = sweep_file(str(tmp_path), "opt", space={"diffusion.p2_gamma": {"uniform": [0.0, 2.0]},
+                                               "train.lr": {"choice": [1.0e-3, 0.3]}},
+                   search={"algorithm": "optuna", "num_samples": 4, "max_concurrent": 1, "seed": 0})
+    storage = str(tmp_path / "store")
+    r = cli("run", p, "--storage", storage)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{storage}/optuna.db")
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 4
+    from sweeps.results import load_trials
+
+    ray_trials = load_trials(os.path.join(storage, "opt"), "rkid32_ddim5", 384)
+    stopped = sum(t["state"] == "STOPPED" for t in ray_trials)
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    assert pruned == stopped  # ASHA's early stops reach Optuna as PRUNED, not as COMPLETE partial values
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4 - stopped

@@ -1,0 +1,110 @@
+"""Baseline rows: external checkpoints (official P2 / guided-diffusion state_dicts or p2sweep checkpoints) that a
+sweep evaluates with its own metric and FID code, without training them.
+
+Sweep file:
+    baselines:
+      - name: official_p2_gamma1
+        checkpoint: /models/ema_0.9999_500000.pt
+        overrides: {model.num_channels: 128}     # model flags on top of the sweep's base config (optional)
+
+The driver evaluates each baseline once (every spec in eval.sampling_steps, same n, same reference statistics),
+before the trials start, and keeps the results in <experiment>/p2sweep_baselines.json; each gets an MLflow child
+run tagged p2sweep.role=baseline under the sweep's parent run. A resumed sweep does not evaluate them again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from p2core.config import apply_overrides, config_from_dict
+from p2core.errors import UserError
+
+FILE = "p2sweep_baselines.json"
+
+
+def parse_baselines(raw, base: dict, here: str) -> list[dict]:
+    if raw in (None, []):
+        return []
+    if not isinstance(raw, list):
+        raise UserError("baselines: expected a list of {name, checkpoint, overrides}")
+    out, names = [], set()
+    for i, b in enumerate(raw):
+        key = f"baselines[{i}]"
+        if not isinstance(b, dict):
+            raise UserError(f"{key}: expected a mapping with name and checkpoint")
+        for k in b:
+            if k not in ("name", "checkpoint", "overrides"):
+                raise UserError(f"{key}.{k}: unknown key")
+        name = b.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in names:
+            raise UserError(f"{key}.name: required, unique, letters/digits/._- only")
+        names.add(name)
+        ck = b.get("checkpoint")
+        if not isinstance(ck, str) or not ck:
+            raise UserError(f"{key}.checkpoint: required")
+        path = ck if os.path.isabs(ck) else os.path.join(here, ck)
+        if not os.path.isfile(path) and os.path.isfile(ck):
+            path = os.path.abspath(ck)
+        if not os.path.isfile(path):
+            raise UserError(f"{key}.checkpoint: {ck}: no such file")
+        ov = b.get("overrides") or {}
+        if not isinstance(ov, dict):
+            raise UserError(f"{key}.overrides: expected a mapping of dotted keys")
+        try:
+            config_from_dict(apply_overrides(base, ov))
+        except UserError as e:
+            raise UserError(f"{key}.overrides: {e}") from None
+        out.append({"name": name, "checkpoint": os.path.abspath(path), "overrides": ov})
+    return out
+
+
+def load_results(exp_dir: str) -> dict:
+    p = os.path.join(exp_dir, FILE)
+    if not os.path.exists(p):
+        return {}
+    with open(p) as f:
+        return json.load(f)
+
+
+def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tracker=None) -> dict:
+    """Evaluate the baselines not yet in the results file; returns {name: {metrics..., checkpoint}}."""
+    if not baselines:
+        return {}
+    import torch
+
+    from p2core import checkpoint as ck
+    from p2core.data import load_dataset
+    from p2core.evaluation import Evaluator
+    from p2core.trainer import resolve_device
+    from p2core.unet import load_weights, model_from_config
+
+    from .runner import atomic_json
+
+    done = load_results(exp_dir)
+    torch.set_num_threads(os.cpu_count() or 1)
+    ev_cache = None
+    for b in baselines:
+        if b["name"] in done:
+            continue
+        data = apply_overrides(base, b["overrides"])
+        data.setdefault("eval", {})["cache_dir"] = cache_dir
+        cfg = config_from_dict(data)
+        obj = ck.load_file(b["checkpoint"])
+        sd, which = ck.weights_from(obj)
+        model = model_from_config(cfg)
+        load_weights(model, sd, b["checkpoint"])
+        dev = resolve_device(cfg.train.device)
+        if ev_cache is None:
+            images, key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
+            ev_cache = (images, key)
+        print(f"baseline {b['name']}: evaluating {b['checkpoint']} ({which}) at {cfg.eval.sampling_steps}",
+              file=sys.stderr)
+        res = Evaluator(cfg, *ev_cache, device=dev, progress=True).evaluate_model(model.to(dev), list(cfg.eval.sampling_steps),
+                                                                                  seed=cfg.eval.seed)
+        done[b["name"]] = {**res, "checkpoint": b["checkpoint"], "weights": which, "overrides": b["overrides"]}
+        atomic_json(os.path.join(exp_dir, FILE), done)
+        if tracker is not None:
+            tracker(b, cfg, done[b["name"]])
+    return done
