@@ -31,7 +31,7 @@ from .metrics import metric_name
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SIZE = 87_335_461
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-PREPROC = "clean-pil-bicubic-299-v1"
+PREPROC = "clean-pil-bicubic-299-v2"  # v2: Inception input normalised (x - 128) / 128
 KID_FEATURES = 10_000
 
 
@@ -82,9 +82,12 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, x):
         b = x.shape[0]
-        if self.kind == "fid-helper":  # this wrapper normalises (x - 128) / 128 itself
+        x = (x - 128.0) / 128.0  # as cleanfid.InceptionV3W does before its `.layers` in clean mode
+        if self.kind == "fid-helper":
+            # fid-helper's TorchScript is `net.layers` of NVIDIA's file without the normalisation (its forward only
+            # checks for 3 channels and reshapes), so it gets the normalised 299x299 input like `.layers` does.
             return self.net(x).reshape(b, 2048)
-        return self.net.layers((x - 128.0) / 128.0).reshape(b, 2048)  # NVIDIA's file, as cleanfid.InceptionV3W
+        return self.net.layers(x).reshape(b, 2048)
 
 
 def find_fid_helper_file() -> str | None:

@@ -156,3 +156,22 @@ def test_training_evaluation_uses_only_the_metric_spec_until_the_end(tmp_path):
     assert [r["images_seen"] for r in evals] == [32, 64]
     assert "rkid8_ddim5" in evals[0] and "rkid8_ddim10" not in evals[0]
     assert {"rkid8_ddim5", "rkid8_ddim10", "rfid8_ddim5", "rfid8_ddim10"} <= set(evals[1])
+
+
+def test_inception_features_are_sane_on_real_images():
+    """Guards the input normalisation: with NVIDIA's weights, pool3 features of real images average ~0.3, and KID
+    separates two real subsets (~0) from real vs noise (~0.5). Unnormalised [0, 255] input breaks both."""
+    from p2core.data import _read_idx_images, fashion_mnist_file, resize_uint8
+
+    try:
+        ext = E.get_extractor("inception")
+        imgs = resize_uint8(_read_idx_images(fashion_mnist_file()), 32)
+    except UserError as e:
+        pytest.skip(str(e))
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(imgs))
+    a = E.extract_features(imgs[idx[:40]], ext, batch_size=40)
+    b = E.extract_features(imgs[idx[40:80]], ext, batch_size=40)
+    noise = E.extract_features(rng.integers(0, 256, (40, 1, 32, 32), dtype=np.uint8), ext, batch_size=40)
+    assert 0.15 < a.mean() < 0.45  # unnormalised input gives ~0.64
+    assert abs(E.kid_from_feats(a, b)) < 0.05 < 0.3 < E.kid_from_feats(a, noise)

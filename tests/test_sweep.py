@@ -168,19 +168,15 @@ def test_dry_run_prints_trials_rungs_and_work(tmp_path):
     assert not os.path.exists(tmp_path / "smoke")
 
 
-def test_resume_after_killing_the_driver(tmp_path):
-    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
-    base["train"]["total_images"] = 1152
-    p = sweep_file(str(tmp_path), "killme", base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
-                   scheduler={"type": "none"})
-    storage = str(tmp_path / "store")
-    d = os.path.join(storage, "killme")
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", p, "--storage", storage], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def run_then_kill(sweep, storage, d):
+    """Start `p2sweep run` in its own session, wait for a first reported checkpoint, then SIGKILL the driver and
+    every process of its session (the local Ray included), as a crashed machine would."""
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", sweep, "--storage", storage], cwd=ROOT,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline:  # wait for a reported checkpoint, then kill driver and its Ray
-            if any(len(open(os.path.join(d, t, "result.json")).readlines()) >= 1
+        while time.time() < deadline:
+            if any(os.path.getsize(os.path.join(d, t, "result.json")) > 0
                    for t in (os.listdir(d) if os.path.isdir(d) else [])
                    if os.path.exists(os.path.join(d, t, "result.json"))):
                 break
@@ -189,7 +185,16 @@ def test_resume_after_killing_the_driver(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    subprocess.run(["pkill", "-9", "-f", f"{storage}"], check=False)
+
+
+def test_resume_after_killing_the_driver(tmp_path):
+    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    base["train"]["total_images"] = 1152
+    p = sweep_file(str(tmp_path), "killme", base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
+                   scheduler={"type": "none"})
+    storage = str(tmp_path / "store")
+    d = os.path.join(storage, "killme")
+    run_then_kill(p, storage, d)
     r = cli("resume", "killme", "--storage", storage)
     assert r.returncode == 0, r.stderr[-3000:]
     from sweeps.results import _read_results, load_trials
@@ -224,3 +229,29 @@ def test_optuna_search_with_asha_persists_study_and_prunes_early_stops(tmp_path)
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
     assert pruned == stopped  # ASHA's early stops reach Optuna as PRUNED, not as COMPLETE partial values
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4 - stopped
+
+
+def test_optuna_resume_after_kill_neither_loses_nor_duplicates_trials(tmp_path):
+    import optuna
+
+    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    base["train"]["total_images"] = 768
+    p = sweep_file(str(tmp_path), "optkill", base=base, space={"diffusion.p2_gamma": {"uniform": [0.0, 2.0]}},
+                   search={"algorithm": "optuna", "num_samples": 3, "max_concurrent": 2, "seed": 0},
+                   scheduler={"type": "none"})
+    storage = str(tmp_path / "store")
+    d = os.path.join(storage, "optkill")
+    run_then_kill(p, storage, d)
+    r = cli("resume", "optkill", "--storage", storage)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from sweeps.results import load_trials
+
+    tune_trials = load_trials(d, "rkid32_ddim5", 768)
+    assert len(tune_trials) == 3 and all(t["state"] == "TERMINATED" for t in tune_trials)
+    study = optuna.load_study(study_name="optkill", storage=f"sqlite:///{storage}/optuna.db")
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert optuna.trial.TrialState.RUNNING not in states
+    gammas = sorted(round(t.params["diffusion.p2_gamma"], 6) for t in study.get_trials(deepcopy=False)
+                    if t.state == optuna.trial.TrialState.COMPLETE)
+    assert gammas == sorted(round(t["config"]["diffusion.p2_gamma"], 6) for t in tune_trials)

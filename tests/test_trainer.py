@@ -143,3 +143,19 @@ def test_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypatch):
     empty.mkdir()
     with pytest.raises(UserError, match="no .png/.jpg"):
         data.load_dataset(tiny_cfg(data={"dataset": "folder", "path": str(empty)}).data, 16, 3)
+
+
+def test_init_from_p2sweep_and_bare_official_state_dict(tmp_path):
+    src = Trainer(tiny_cfg(train={"total_images": 32}), str(tmp_path / "src"), progress=False)
+    src.run()
+    path = ck.latest_checkpoint(os.path.join(tmp_path, "src", "checkpoints"))
+    t = Trainer(tiny_cfg(), str(tmp_path / "a"), progress=False, init_from=path)
+    assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), src.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(t.ema.state_dict().values(), src.ema.state_dict().values()))
+    assert t.images_seen == 0  # weights only: a new run
+    bare = tmp_path / "ema_0.9999_000032.pt"
+    torch.save({"module." + k: v for k, v in src.ema.state_dict().items()}, bare)  # DDP-style official file
+    t2 = Trainer(tiny_cfg(), str(tmp_path / "b"), progress=False, init_from=str(bare))
+    assert all(torch.equal(a, b) for a, b in zip(t2.model.state_dict().values(), src.ema.state_dict().values()))
+    with pytest.raises(UserError, match="shape"):
+        Trainer(tiny_cfg(model={"num_channels": 64}), str(tmp_path / "c"), progress=False, init_from=str(bare))
