@@ -10,10 +10,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tempfile
-
 import torch
 
+from .atomic import atomic_write
 from .errors import UserError
 
 FORMAT = "p2sweep/1"
@@ -21,19 +20,7 @@ _NAME = re.compile(r"ckpt_(\d+)\.pt$")
 
 
 def atomic_torch_save(obj, path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt.tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_path(ckpt_dir: str, images_seen: int) -> str:

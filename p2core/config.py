@@ -66,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     ema_rate: float = 0.9999
+    ema_warmup: bool = False  # rate min(ema_rate, (1+step)/(10+step)); off = ADM
     seed: int = 0
     log_every_images: int = 2048
     eval_every_images: int = 0  # 0 = only at the end

@@ -10,10 +10,10 @@ import contextlib
 import gzip
 import hashlib
 import os
-import tempfile
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -40,16 +40,7 @@ def file_lock(path: str):
 
 
 def atomic_save_npy(path: str, arr: np.ndarray) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npy.tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.save(f, arr))
 
 
 # -- Fashion-MNIST --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import atomic_save_npy, default_cache_dir, file_lock
+from .atomic import atomic_write
+from .data import default_cache_dir, file_lock
 from .errors import UserError
 from .metrics import metric_name
 
@@ -266,9 +267,8 @@ def reference_stats(images, dataset_key: str, extractor, *, image_size: int, ref
                                  progress=progress, desc="reference features")
         mu, sigma = stats(feats)
         kid = feats[np.random.default_rng(1).permutation(len(feats))[:KID_FEATURES]]
-        tmp = path[:-4] + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma, feats=kid.astype(np.float32), n=np.array(len(feats)))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, feats=kid.astype(np.float32),
+                                              n=np.array(len(feats))))
     return load()
 
 

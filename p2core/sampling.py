@@ -5,6 +5,7 @@ import contextlib
 
 import torch
 
+from .atomic import atomic_write
 from .data import to_uint8
 from .diffusion import create_diffusion
 from .respace import parse_respacing
@@ -65,8 +66,6 @@ def generate(model, diff_cfg, spec: str, num_samples: int, *, image_size: int, c
 def save_grid(images_uint8: torch.Tensor, path: str, nrow: int | None = None) -> str:
     """Write uint8 [N, C, H, W] as one PNG grid, atomically."""
     import math
-    import os
-    import tempfile
 
     import numpy as np
     from PIL import Image
@@ -81,14 +80,4 @@ def save_grid(images_uint8: torch.Tensor, path: str, nrow: int | None = None) ->
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
     img = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import plan
+from .atomic import atomic_write, atomic_write_text
 from .config import TrainingConfig, config_from_dict
 from .data import load_dataset, to_float
 from .diffusion import create_diffusion
@@ -42,19 +42,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         return os.cpu_count() or 1
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -87,7 +74,7 @@ class Trainer:
         self.model = model_from_config(cfg).to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.model, t.ema_rate)
+        self.ema = EMA(self.model, t.ema_rate, warmup=t.ema_warmup)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         d = cfg.diffusion
         self.diffusion = create_diffusion(steps=d.diffusion_steps, noise_schedule=d.noise_schedule,
@@ -148,7 +135,7 @@ class Trainer:
         self.epoch, self.pos = int(obj["data_state"]["epoch"]), int(obj["data_state"]["pos"])
         self._perm = None
         torch.set_rng_state(obj["rng"]["torch"].cpu())
-        self.gen.set_state(obj["rng"]["gen"].cpu() if self.device.type == "cpu" else obj["rng"]["gen"].cpu())
+        self.gen.set_state(obj["rng"]["gen"].cpu())
         if "cuda" in obj["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(obj["rng"]["cuda"].cpu(), self.device)
         # Drop log lines written after this checkpoint, so a resumed log reads like an uninterrupted one.
@@ -225,7 +212,7 @@ class Trainer:
         if tr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
         self.opt.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, self.step)
         return {"loss": loss.detach(), "terms": {k: v.detach() for k, v in terms.items()}, "t": t}
 
     def run(self) -> dict:
@@ -379,13 +366,10 @@ class Trainer:
         ax.set_ylabel("training loss")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(self.out_dir, "loss.png")
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=self.out_dir)
-        os.close(fd)
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        try:
+            return atomic_write(os.path.join(self.out_dir, "loss.png"), lambda f: fig.savefig(f, format="png"))
+        finally:
+            plt.close(fig)
 
 
 def load_training_checkpoint_config(obj: dict) -> TrainingConfig:

@@ -65,9 +65,6 @@ def make_weighting(weighting: str = "p2", p2_gamma: float = 0.0, p2_k: float = 1
 
 def plot_weighting(path: str, curves: list[tuple[str, np.ndarray, np.ndarray]], title: str = "") -> str:
     """Write weight vs SNR (log-log, the paper's Fig. 3 style) as PNG, atomically. curves: (label, snr[T], w[T])."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,15 +83,9 @@ def plot_weighting(path: str, curves: list[tuple[str, np.ndarray, np.ndarray]], 
     ax.set_title(title or "Weighting vs SNR")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
+    from .atomic import atomic_write
+
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

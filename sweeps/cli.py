@@ -150,7 +150,6 @@ def _model_and_cfg(args):
     if ck.is_p2sweep_checkpoint(obj):
         base = yaml.safe_load(obj["config_yaml"])
         if args.config:
-            base = apply_overrides(base, {})
             extra = safe_load_yaml(args.config) or {}
             for sec, vals in extra.items():
                 if isinstance(vals, dict):
@@ -237,7 +236,7 @@ def cmd_eval(args) -> int:
     pre = "r" if cfg.eval.extractor == "random" else ""
     n = cfg.eval.num_samples
     print(f"{cfg.eval.extractor} features, {n} samples vs {res['ref_samples']} reference images")
-    print(format_table([f"steps", f"{pre}fid", f"{pre}kid", "seconds"], rows))
+    print(format_table(["steps", f"{pre}fid", f"{pre}kid", "seconds"], rows))
     return 0
 
 

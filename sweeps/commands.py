@@ -98,7 +98,7 @@ def cmd_best(args) -> int:
     best = rows[0]
     print(f"best: {best['config']} with steps {best['spec']}: {best['mean']:.5g} +- {best['std']:.3g}")
     if args.export:
-        from p2core.trainer import atomic_write_text
+        from p2core.atomic import atomic_write_text
 
         atomic_write_text(args.export, R.best_export_yaml(meta, best))
         print(f"exported: {args.export}  (train it: p2sweep train {args.export})")

@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 
 from p2core.errors import UserError
@@ -59,7 +60,8 @@ def load_trials(d: str, metric: str, max_images: int) -> list[dict]:
         res = _read_results(rj)
         pj = os.path.join(tdir, "params.json")
         config = json.load(open(pj)) if os.path.exists(pj) else (res[0].get("config", {}) if res else {})
-        tid = res[0]["trial_id"] if res else os.path.basename(tdir).split("_")[-4] if "_" in tdir else tdir
+        m = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(tdir))
+        tid = res[0]["trial_id"] if res else (m.group(1) if m else os.path.basename(tdir))
         last = res[-1] if res else {}
         hist = [(r.get("images_seen", 0), r.get(metric)) for r in res if r.get(metric) is not None]
         evals = {}

@@ -73,11 +73,9 @@ def resolve_paths(spec: SweepSpec, storage: str) -> dict:
 
 
 def atomic_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    from p2core.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def provenance() -> dict:
@@ -292,7 +290,7 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
         tracker = MLflowTracker(paths["mlflow_uri"], meta["experiment"], meta["parent_run_id"],
                                 spec.base_config().flat(), spec.metric, spec.max_images, name)
         searcher = make_searcher(spec, paths, name)
-        n = spec.num_samples if spec.algorithm != "grid" else spec.num_samples
+        n = spec.num_samples
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec),
             tune_config=tune.TuneConfig(num_samples=n, search_alg=searcher, scheduler=make_scheduler(spec, d),
@@ -301,6 +299,7 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
     interrupted = False
+    budget = {"hit": False}
     timer = None
     if time_budget_s:
         # The budget acts like Ctrl-C (Tune saves the experiment with its trials unfinished, so `resume` continues
@@ -308,7 +307,12 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
         import signal
         import threading
 
-        timer = threading.Timer(time_budget_s, lambda: os.kill(os.getpid(), signal.SIGINT))
+        def budget_hit():
+            print(f"time budget of {time_budget_s:.0f} s reached: stopping the sweep (resumable)", file=sys.stderr)
+            budget["hit"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+        timer = threading.Timer(time_budget_s, budget_hit)
         timer.daemon = True
         timer.start()
     try:
@@ -318,32 +322,50 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
     finally:
         if timer is not None:
             timer.cancel()
-    states = {}
-    if grid is not None:
-        for r in grid:
-            m = r.metrics or {}
-            tid = m.get("trial_id")
-            if tid:
-                state = ("ERROR" if r.error else "DIVERGED" if m.get("diverged") else
-                         "TERMINATED" if m.get("final") else "STOPPED")
-                states[tid] = {"state": state, "diverged": bool(m.get("diverged")),
-                               "images_seen": int(m.get("images_seen", 0))}
+    states = trial_states(d)
+    if states:
         atomic_json(os.path.join(d, R.STATES), states)
-    finish(meta, states)
+    interrupted = interrupted or any(v["state"] in UNFINISHED for v in states.values())
+    finish(meta, interrupted)
     trials = R.load_trials(d, spec.metric, spec.max_images)
-    unfinished = [t for t in trials if t["state"] in ("PENDING", "RUNNING")]
     header, rows = R.status_rows(trials, spec.metric)
     from .commands import format_table
 
     print(format_table(header, rows))
-    if interrupted or (time_budget_s and unfinished):
+    if interrupted:
         print(f"sweep {name} stopped; continue it with: p2sweep resume {name} --storage {paths['storage']}")
     print(f"results: p2sweep status {name} --storage {paths['storage']}; "
           f"UI: p2sweep ui {name} --storage {paths['storage']}")
-    return 130 if interrupted else 0
+    return 130 if interrupted and not budget["hit"] else 0
 
 
-def finish(meta: dict, states: dict) -> None:
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
+
+
+def trial_states(d: str) -> dict:
+    """{trial_id: {state, diverged, images_seen}} from the experiment state Tune saved last (before it tears its
+    trials down, so an interrupted trial is still RUNNING there). States: TERMINATED (trained to the end), STOPPED
+    (ended early by ASHA), DIVERGED, ERROR, or RUNNING/PENDING/PAUSED (interrupted: `resume` continues it)."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(d, "experiment_state-*.json")))  # named by session start time
+    if not files:
+        return {}
+    with open(files[-1]) as f:
+        data = json.load(f)
+    out = {}
+    for item in data.get("trial_data", []):
+        tr, meta = (json.loads(x) if isinstance(x, str) else x for x in item)
+        m = meta.get("last_result") or {}
+        st = tr.get("status", "PENDING")
+        if st == "TERMINATED":
+            st = "DIVERGED" if m.get("diverged") else "TERMINATED" if m.get("final") else "STOPPED"
+        out[tr["trial_id"]] = {"state": st, "diverged": bool(m.get("diverged")),
+                               "images_seen": int(m.get("images_seen", 0))}
+    return out
+
+
+def finish(meta: dict, interrupted: bool = False) -> None:
     """Close runs left RUNNING, then put the results table and metric-vs-images plot on the parent run."""
     from .tracking import client, reconcile
 
@@ -360,7 +382,8 @@ def finish(meta: dict, states: dict) -> None:
         png = plot_history(os.path.join(tmp, "metric_vs_images.png"), {name: trials}, meta["metric"])
         if png:
             c.log_artifact(meta["parent_run_id"], png)
-    c.set_terminated(meta["parent_run_id"], "FINISHED")
+    # An interrupted sweep (Ctrl-C, --time-budget) is KILLED until `p2sweep resume` reopens it.
+    c.set_terminated(meta["parent_run_id"], "KILLED" if interrupted else "FINISHED")
 
 
 def write_csv(path: str, trials: list[dict], metric: str) -> None:

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -265,4 +264,3 @@ def format_duration(s: str) -> float:
         raise UserError(f"--time-budget {s!r}: expected e.g. 45m or 2h") from None
 
 
-__all__ = ["SweepSpec", "load_sweep", "parse_sweep", "describe", "format_duration", "math"]

@@ -183,7 +183,11 @@ def reconcile(uri: str, experiment: str, parent_id: str, trial_states: dict, max
     for r in runs:
         tid = r.data.tags.get(TRIAL_ID)
         st = trial_states.get(tid)
-        if r.info.status != "RUNNING" or st is None or st["state"] in ("RUNNING", "PENDING"):
+        if r.info.status != "RUNNING" or st is None:
+            continue
+        if st["state"] in ("RUNNING", "PENDING", "PAUSED"):  # interrupted; `p2sweep resume` reopens it
+            c.set_tag(r.info.run_id, "p2sweep.interrupted_at", str(st.get("images_seen", 0)))
+            c.set_terminated(r.info.run_id, "KILLED")
             continue
         if st["state"] == "ERROR" or st.get("diverged"):
             c.set_terminated(r.info.run_id, "FAILED")

@@ -107,7 +107,6 @@ def test_cli_dry_run_prints_resolved_config(tmp_path):
 
 
 def test_cli_train_and_sample_for_real(tmp_path):
-    import yaml
 
     from helpers import tiny_cfg
 

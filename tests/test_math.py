@@ -173,7 +173,6 @@ def test_decoder_nll_at_t0_by_hand():
     T = 1000
     d = create_diffusion(steps=T, learn_sigma=True)
     b = np.linspace(1e-4, 0.02, T)
-    ab = np.cumprod(1 - b)
     x0 = torch.tensor([-1.0, -0.5, 0.2, 1.0]).view(1, 1, 2, 2)
     noise = torch.zeros_like(x0)
     out = torch.cat([noise, torch.full_like(x0, 1.0)], dim=1)  # variance = beta_0

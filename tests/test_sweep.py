@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from test_config_cli import ROOT, run_cli
+from test_config_cli import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TQDM_DISABLE="1")
@@ -255,3 +255,26 @@ def test_optuna_resume_after_kill_neither_loses_nor_duplicates_trials(tmp_path):
     gammas = sorted(round(t.params["diffusion.p2_gamma"], 6) for t in study.get_trials(deepcopy=False)
                     if t.state == optuna.trial.TrialState.COMPLETE)
     assert gammas == sorted(round(t["config"]["diffusion.p2_gamma"], 6) for t in tune_trials)
+
+
+def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path):
+    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    base["train"]["total_images"] = 8192  # ~20 s per trial here: the 8 s budget ends the sweep mid-way
+    base["train"]["eval_every_images"] = 2048
+    p = sweep_file(str(tmp_path), "budget", base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
+                   scheduler={"type": "none"})
+    storage = str(tmp_path / "store")
+    r = cli("run", p, "--storage", storage, "--time-budget", "8s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "time budget" in r.stderr and "p2sweep resume budget" in r.stdout
+    states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
+    assert len(states) == 2 and any(v["state"] in ("RUNNING", "PENDING", "PAUSED") for v in states.values())
+    c, runs = mlflow_runs(storage, "budget")
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    r = cli("resume", "budget", "--storage", storage)
+    assert r.returncode == 0, r.stderr[-3000:]
+    states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
+    assert {v["state"] for v in states.values()} == {"TERMINATED"}
+    c, runs = mlflow_runs(storage, "budget")
+    kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
+    assert len(kids) == 2 and all(x.info.status == "FINISHED" for x in runs)

@@ -32,6 +32,12 @@ def test_ema_update_rule():
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * m.weight)
 
 
+def test_ema_warmup_rate():
+    ema = EMA(torch.nn.Linear(2, 1), rate=0.99, warmup=True)
+    assert ema.rate_at(0) == pytest.approx(0.1) and ema.rate_at(90) == pytest.approx(0.91)
+    assert ema.rate_at(10_000) == 0.99 and EMA(torch.nn.Linear(2, 1), 0.99).rate_at(0) == 0.99
+
+
 def test_checkpoint_round_trip_weights_only(tmp_path):
     cfg = tiny_cfg(train={"total_images": 64, "checkpoint_every_images": 32})
     tr = Trainer(cfg, str(tmp_path), progress=False)
