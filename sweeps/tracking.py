@@ -25,11 +25,21 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside it (<storage>/mlartifacts), not in the current directory's ./mlruns;
+    a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "mlartifacts")
+    return None
+
+
 def ensure_experiment(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+    root = artifact_root(c.tracking_uri)
+    return c.create_experiment(name, artifact_location=os.path.join(root, name) if root else None,
+                               tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def find_trial_run(c, exp_id: str, parent_id: str, trial_id: str):

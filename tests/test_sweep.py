@@ -278,3 +278,10 @@ def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path):
     c, runs = mlflow_runs(storage, "budget")
     kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
     assert len(kids) == 2 and all(x.info.status == "FINISHED" for x in runs)
+
+
+def test_mlflow_artifacts_live_in_the_storage(faulty):
+    c, runs = mlflow_runs(faulty["storage"], "faulty")
+    exp = c.get_experiment_by_name("faulty")
+    assert exp.artifact_location.startswith(os.path.join(faulty["storage"], "mlartifacts"))
+    assert not os.path.exists(os.path.join(ROOT, "mlruns"))
