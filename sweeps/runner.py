@@ -280,7 +280,6 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
     init_ray(address)
     from ray import tune
 
-
     from .tracking import MLflowTracker
 
     trainable = build_trainable(spec, paths)
@@ -290,11 +289,12 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
         tracker = MLflowTracker(paths["mlflow_uri"], meta["experiment"], meta["parent_run_id"],
                                 spec.base_config().flat(), spec.metric, spec.max_images, name)
         searcher = make_searcher(spec, paths, name)
-        n = spec.num_samples
+        limit = None if searcher is not None else (spec.max_concurrent or None)  # Optuna: its ConcurrencyLimiter
         tuner = tune.Tuner(
             trainable, param_space=param_space(spec),
-            tune_config=tune.TuneConfig(num_samples=n, search_alg=searcher, scheduler=make_scheduler(spec, d),
-                                        max_concurrent_trials=spec.max_concurrent or None, reuse_actors=False),
+            tune_config=tune.TuneConfig(num_samples=spec.num_samples, search_alg=searcher,
+                                        scheduler=make_scheduler(spec, d), max_concurrent_trials=limit,
+                                        reuse_actors=False),
             run_config=tune.RunConfig(name=name, storage_path=paths["storage"], callbacks=[tracker],
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
@@ -316,9 +316,9 @@ def _fit(spec: SweepSpec, meta: dict, address, time_budget_s, restore: bool) -> 
         timer.daemon = True
         timer.start()
     try:
-        grid = tuner.fit()
-    except KeyboardInterrupt:
-        interrupted, grid = True, None
+        tuner.fit()  # on Ctrl-C Tune saves the experiment and returns; the states are read back below
+    except KeyboardInterrupt:  # a second Ctrl-C
+        interrupted = True
     finally:
         if timer is not None:
             timer.cancel()

@@ -16,6 +16,7 @@
     max_failures: 1
     storage: ""                         # default $P2SWEEP_STORAGE or ~/p2sweep
     tracking: {mlflow_uri: "", optuna_storage: "", cache_dir: ""}
+    baselines: [{name: official, checkpoint: ema.pt, overrides: {}}]   # evaluated, not trained (sweeps/baselines.py)
 """
 from __future__ import annotations
 
