@@ -187,16 +187,21 @@ def run_then_kill(sweep, storage, d):
         proc.wait()
 
 
-def test_resume_after_killing_the_driver(tmp_path):
+def kill_then_resume(tmp_path, name, total_images, **changes):
+    """A smoke-based sweep without ASHA: run, SIGKILL mid-way, `p2sweep resume`; returns (storage, experiment dir)."""
     base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
-    base["train"]["total_images"] = 1152
-    p = sweep_file(str(tmp_path), "killme", base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
-                   scheduler={"type": "none"})
+    base["train"]["total_images"] = total_images
+    p = sweep_file(str(tmp_path), name, base=base, scheduler={"type": "none"}, **changes)
     storage = str(tmp_path / "store")
-    d = os.path.join(storage, "killme")
+    d = os.path.join(storage, name)
     run_then_kill(p, storage, d)
-    r = cli("resume", "killme", "--storage", storage)
+    r = cli("resume", name, "--storage", storage)
     assert r.returncode == 0, r.stderr[-3000:]
+    return storage, d
+
+
+def test_resume_after_killing_the_driver(tmp_path):
+    storage, d = kill_then_resume(tmp_path, "killme", 1152, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}})
     from sweeps.results import _read_results, load_trials
 
     trials = load_trials(d, "rkid32_ddim5", 1152)
@@ -234,16 +239,8 @@ def test_optuna_search_with_asha_persists_study_and_prunes_early_stops(tmp_path)
 def test_optuna_resume_after_kill_neither_loses_nor_duplicates_trials(tmp_path):
     import optuna
 
-    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
-    base["train"]["total_images"] = 768
-    p = sweep_file(str(tmp_path), "optkill", base=base, space={"diffusion.p2_gamma": {"uniform": [0.0, 2.0]}},
-                   search={"algorithm": "optuna", "num_samples": 3, "max_concurrent": 2, "seed": 0},
-                   scheduler={"type": "none"})
-    storage = str(tmp_path / "store")
-    d = os.path.join(storage, "optkill")
-    run_then_kill(p, storage, d)
-    r = cli("resume", "optkill", "--storage", storage)
-    assert r.returncode == 0, r.stderr[-3000:]
+    storage, d = kill_then_resume(tmp_path, "optkill", 768, space={"diffusion.p2_gamma": {"uniform": [0.0, 2.0]}},
+                                  search={"algorithm": "optuna", "num_samples": 3, "max_concurrent": 2, "seed": 0})
     from sweeps.results import load_trials
 
     tune_trials = load_trials(d, "rkid32_ddim5", 768)
