@@ -61,11 +61,14 @@ def read_jsonl(path: str) -> list[dict]:
 
 class Trainer:
     def __init__(self, cfg: TrainingConfig, out_dir: str, *, hooks=None, extra_eval_points=(), progress=True,
-                 resume: bool = False, resume_from: str | None = None, init_from: str | None = None):
+                 resume: bool = False, resume_from: str | None = None, init_from: str | None = None,
+                 own_checkpoints: bool = True):
         self.cfg = cfg
         self.out_dir = out_dir
         self.hooks = hooks
         self.progress = progress
+        # False when the caller keeps the checkpoints (the sweep layer hands them to Ray Tune at each report)
+        self.own_checkpoints = own_checkpoints
         t = cfg.train
         torch.set_num_threads(t.num_threads or available_cpus())
         self.device = resolve_device(t.device)
@@ -266,7 +269,7 @@ class Trainer:
                     if final:
                         self.plot_losses()  # before the last evaluation: a scheduler may end the run at its report
                     last_eval = self.evaluate(final=final)
-                if self.images_seen >= next_ckpt or self.images_seen >= tr.total_images:
+                if self.own_checkpoints and (self.images_seen >= next_ckpt or self.images_seen >= tr.total_images):
                     self.save_checkpoint()
                     while next_ckpt <= self.images_seen:
                         next_ckpt += tr.checkpoint_every_images or math.inf

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 
 
@@ -18,6 +17,7 @@ def run_trial(config: dict, base: dict, info: dict) -> None:
     import torch
     from ray import tune
 
+    from p2core.checkpoint import atomic_torch_save
     from p2core.config import apply_overrides, config_from_dict
     from p2core.errors import Diverged
     from p2core.trainer import Trainer
@@ -39,7 +39,6 @@ def run_trial(config: dict, base: dict, info: dict) -> None:
             pending_log.append({k: v for k, v in rec.items() if k != "kind"})
 
         def on_eval(self, trainer, rec):
-            path = trainer.save_checkpoint()
             scores = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("images_seen", "final")}
             state["evals"].update(scores)
             if metric in rec:
@@ -50,19 +49,22 @@ def run_trial(config: dict, base: dict, info: dict) -> None:
             if pending_log:
                 report["loss"] = pending_log[-1]["loss"]
             pending_log.clear()
+            # The trainer's state goes straight into the Tune checkpoint (kept num_to_keep deep by Tune); the trial
+            # directory holds no trainer checkpoints that Ray would sync to storage and never prune.
             with tempfile.TemporaryDirectory() as d:
-                shutil.copy2(path, os.path.join(d, "trainer.pt"))
+                atomic_torch_save(trainer.state(), os.path.join(d, "trainer.pt"))
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
-    resume_from = None
+    def make_trainer(resume_from=None):
+        return Trainer(cfg, out_dir, hooks=Hooks(), extra_eval_points=info["rungs"], progress=False,
+                       resume_from=resume_from, own_checkpoints=False)
+
     ck = tune.get_checkpoint()
-    if ck is not None:
+    if ck is not None:  # a retried or resumed trial continues from its last reported checkpoint
         with ck.as_directory() as d:
-            resume_from = os.path.join(out_dir, "resume.pt")
-            os.makedirs(out_dir, exist_ok=True)
-            shutil.copy2(os.path.join(d, "trainer.pt"), resume_from)
-    trainer = Trainer(cfg, out_dir, hooks=Hooks(), extra_eval_points=info["rungs"], progress=False,
-                      resume_from=resume_from)
+            trainer = make_trainer(os.path.join(d, "trainer.pt"))
+    else:
+        trainer = make_trainer()
     try:
         trainer.run()
     except Diverged as e:

@@ -85,6 +85,11 @@ def test_sweep_runs_real_trainer_with_retry_divergence_and_asha(faulty):
     good = t[(1e-3, 0)]
     assert good["state"] == "TERMINATED" and good["images_seen"] == 384  # crashed at 200, retried from 128
     assert os.path.exists(os.path.join(good["dir"], "p2", ".injected_crash"))
+    # checkpoints live only in Tune's checkpoint_* folders (2 kept), not as trainer files synced to storage
+    import glob
+
+    assert not glob.glob(os.path.join(good["dir"], "p2", "checkpoints", "*.pt"))
+    assert len(glob.glob(os.path.join(good["dir"], "checkpoint_*"))) == 2
     div = t[(1e-3, 200)]
     assert div["state"] == "DIVERGED" and div["latest"] == float("inf")
     assert t[(0.3, 0)]["state"] == "STOPPED" and t[(0.3, 0)]["images_seen"] == 128  # ASHA stop at the first rung
