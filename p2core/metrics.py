@@ -34,6 +34,10 @@ def parse_metric_name(name: str) -> tuple[str, int, str]:
     return kind, count, steps.replace("-", ",")
 
 
+def is_metric_name(name: str) -> bool:
+    return bool(_NAME.match(name or ""))
+
+
 def check_metric_produced(name: str, cfg) -> str:
     """Raise ValueError unless the config's evaluation produces `name`; return the sampling spec it needs."""
     from .respace import parse_respacing

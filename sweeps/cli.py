@@ -117,19 +117,11 @@ def cmd_train(args) -> int:
           f"{trainer.dataset_key} ({len(trainer.images)} images), device {trainer.device}, output {out}",
           file=sys.stderr)
     result = trainer.run()
-    ev = {k: round(v, 5) for k, v in result.items() if is_metric(k)}
+    from p2core.metrics import is_metric_name
+
+    ev = {k: round(v, 5) for k, v in result.items() if is_metric_name(k)}
     print(f"done: {trainer.images_seen} images; metrics {ev or '(evaluation off)'}; see {out}/metrics.jsonl")
     return 0
-
-
-def is_metric(name: str) -> bool:
-    from p2core.metrics import parse_metric_name
-
-    try:
-        parse_metric_name(name)
-        return True
-    except ValueError:
-        return False
 
 
 def raise_user(msg):

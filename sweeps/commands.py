@@ -53,7 +53,7 @@ def _trials(name, storage):
 
 def _baseline_rows(name, storage, meta):
     """[(baseline name, metric name, value)] for the sweep's metric family (every sampling spec)."""
-    from p2core.metrics import parse_metric_name
+    from p2core.metrics import is_metric_name, parse_metric_name
 
     from .baselines import load_results
 
@@ -61,7 +61,7 @@ def _baseline_rows(name, storage, meta):
     rows = []
     for bname, res in load_results(os.path.join(meta["paths"]["storage"], name)).items():
         for k, v in sorted(res.items()):
-            if R._is_metric(k) and parse_metric_name(k)[:2] == (kind, n):
+            if is_metric_name(k) and parse_metric_name(k)[:2] == (kind, n):
                 rows.append((bname, k, v))
     return rows
 

@@ -13,7 +13,7 @@ import re
 import statistics
 
 from p2core.errors import UserError
-from p2core.metrics import parse_metric_name
+from p2core.metrics import is_metric_name, parse_metric_name
 
 META = "p2sweep.json"
 STATES = "p2sweep_trials.json"
@@ -67,7 +67,7 @@ def load_trials(d: str, metric: str, max_images: int) -> list[dict]:
         evals = {}
         for r in res:  # per metric name, the latest value
             for k, v in r.items():
-                if isinstance(v, (int, float)) and _is_metric(k):
+                if isinstance(v, (int, float)) and is_metric_name(k):
                     evals[k] = v
         best_vals = [v for _, v in hist if v is not None and math.isfinite(v)]
         state = states.get(tid, {}).get("state")
@@ -88,14 +88,6 @@ def load_trials(d: str, metric: str, max_images: int) -> list[dict]:
                        "complete": bool(last.get("final")) and not last.get("diverged"),
                        "diverged": bool(last.get("diverged"))})
     return trials
-
-
-def _is_metric(k: str) -> bool:
-    try:
-        parse_metric_name(k)
-        return True
-    except ValueError:
-        return False
 
 
 def _fmt(v):
