@@ -29,6 +29,8 @@ data:
 	fi
 
 demo: install data
+	# a fresh sweep each time; the reference-statistics cache in demo_out/cache is kept
+	rm -rf demo_out/demo demo_out/mlflow.db demo_out/mlartifacts demo_out/optuna.db
 	$(VENV)/bin/p2sweep run search_spaces/demo.yaml --name demo --storage $(CURDIR)/demo_out
 	$(VENV)/bin/p2sweep best demo --storage $(CURDIR)/demo_out --export $(CURDIR)/demo_out/best.yaml
 
