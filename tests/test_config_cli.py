@@ -133,3 +133,20 @@ def test_cli_train_and_sample_for_real(tmp_path):
     r = run_cli("sample", str(tmp_path / "ema_0.9999_000064.pt"), "--config", str(cfg), "--set",
                 "model.num_channels=64", "--num-samples", "2")
     assert r.returncode == 2 and "shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_weights_plot_and_paper_mean_weights(tmp_path):
+    r = run_cli("weights", "--out", str(tmp_path / "w.png"))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "w.png").size[0] > 300
+    # the printed means match FIELD_NOTES' paper-setting figures (k = 1): 0.81 / 0.72 linear, 0.64 / 0.50 cosine
+    import re
+
+    means = {(m[0], m[1]): float(m[2]) for m in
+             re.findall(r"^(\w+) +P2 gamma=([\d.]+), k=1 +mean weight over uniform t = ([\d.]+)$", r.stdout, re.M)}
+    assert means[("linear", "0.5")] == pytest.approx(0.81, abs=0.006)
+    assert means[("linear", "1")] == pytest.approx(0.72, abs=0.006)
+    assert means[("cosine", "0.5")] == pytest.approx(0.64, abs=0.006)
+    assert means[("cosine", "1")] == pytest.approx(0.50, abs=0.006)
