@@ -287,15 +287,15 @@ class Trainer:
         atomic_write_text(os.path.join(self.out_dir, ".injected_crash"), str(self.images_seen))
 
     def _new_acc(self):
+        # sums stay on the device between log points: one host sync per step (the divergence check), not four
         z = torch.zeros(len(PHASES), device=self.device, dtype=torch.float64)
-        return {"loss": 0.0, "n": 0, "mse": 0.0, "vb": 0.0, "psum": z.clone(), "pcnt": z.clone()}
+        return {"sums": torch.zeros(3, device=self.device, dtype=torch.float64), "n": 0,
+                "psum": z.clone(), "pcnt": z.clone()}
 
     def _accumulate(self, acc, out):
         terms, n = out["terms"], out["t"].shape[0]
-        acc["loss"] += float(terms["loss"].sum())
-        acc["mse"] += float(terms["mse"].sum())
-        if "vb" in terms:
-            acc["vb"] += float(terms["vb"].sum())
+        vb = terms["vb"].sum() if "vb" in terms else terms["loss"].new_zeros(())
+        acc["sums"] += torch.stack([terms["loss"].sum(), terms["mse"].sum(), vb]).double()
         ph = self.phase_of_t[out["t"]]
         acc["psum"].index_add_(0, ph, terms["loss"].double())
         acc["pcnt"].index_add_(0, ph, torch.ones_like(terms["loss"], dtype=torch.float64))
@@ -303,10 +303,11 @@ class Trainer:
 
     def _flush_acc(self, acc, img_s) -> dict:
         n = max(acc["n"], 1)
-        rec = {"kind": "train", "images_seen": self.images_seen, "step": self.step, "loss": acc["loss"] / n,
-               "mse": acc["mse"] / n, "images_per_s": img_s, "lr": self.opt.param_groups[0]["lr"]}
+        loss, mse, vb = acc["sums"].cpu().tolist()
+        rec = {"kind": "train", "images_seen": self.images_seen, "step": self.step, "loss": loss / n,
+               "mse": mse / n, "images_per_s": img_s, "lr": self.opt.param_groups[0]["lr"]}
         if self.diffusion.learn_sigma:
-            rec["vb"] = acc["vb"] / n
+            rec["vb"] = vb / n
         psum, pcnt = acc["psum"].cpu().tolist(), acc["pcnt"].cpu().tolist()
         for (name, _, _), s, c in zip(PHASES, psum, pcnt):
             if c > 0:
