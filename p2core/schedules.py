@@ -40,3 +40,8 @@ def alphas_cumprod_from_betas(betas: np.ndarray) -> np.ndarray:
 def snr_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
     """SNR(t) = alpha_bar / (1 - alpha_bar), written as the official code does: 1/(1-alpha_bar) - 1."""
     return 1.0 / (1.0 - alphas_cumprod) - 1.0
+
+
+def named_snr(name: str, num_timesteps: int) -> np.ndarray:
+    """SNR(t) of a named schedule, shape [T] (for plots and tables)."""
+    return snr_from_alphas_cumprod(alphas_cumprod_from_betas(get_named_beta_schedule(name, num_timesteps)))

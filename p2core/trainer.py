@@ -18,7 +18,7 @@ import torch
 from . import checkpoint as ckpt
 from . import plan
 from .atomic import atomic_write, atomic_write_text
-from .config import TrainingConfig, config_from_dict
+from .config import TrainingConfig
 from .data import load_dataset, to_float
 from .diffusion import create_diffusion
 from .ema import EMA
@@ -375,8 +375,3 @@ class Trainer:
         finally:
             plt.close(fig)
 
-
-def load_training_checkpoint_config(obj: dict) -> TrainingConfig:
-    import yaml
-
-    return config_from_dict(yaml.safe_load(obj["config_yaml"]))

@@ -261,12 +261,12 @@ def cmd_fid(args) -> int:
 
 
 def cmd_weights(args) -> int:
-    from p2core.schedules import alphas_cumprod_from_betas, get_named_beta_schedule, snr_from_alphas_cumprod
+    from p2core.schedules import named_snr
     from p2core.weighting import MinSNRWeighting, P2Weighting, plot_weighting
 
     curves = []
     for sched in ("linear", "cosine"):
-        snr = snr_from_alphas_cumprod(alphas_cumprod_from_betas(get_named_beta_schedule(sched, args.steps)))
+        snr = named_snr(sched, args.steps)
         for w in (P2Weighting(0.0, 1.0), P2Weighting(0.5, 1.0), P2Weighting(1.0, 1.0), MinSNRWeighting(5.0)):
             curves.append((f"{sched}: {w.label}", snr, w(snr)))
             print(f"{sched:6s} {w.label:24s} mean weight over uniform t = {w(snr).mean():.3f}")

@@ -66,15 +66,19 @@ def _baseline_rows(name, storage, meta):
     return rows
 
 
+def _print_baselines(name, storage, meta, heading):
+    rows = _baseline_rows(name, storage, meta)
+    if rows:
+        print(heading)
+        print(format_table(["baseline", "metric", "value"], [[x, m, f"{v:.5g}"] for x, m, v in rows]))
+
+
 def cmd_status(args) -> int:
     meta, trials = _trials(args.name, args.storage)
     header, rows = R.status_rows(trials, meta["metric"])
     print(f"sweep {args.name}: {len(trials)} trial(s), metric {meta['metric']}, max {meta['max_images']} images")
     print(format_table(header, rows))
-    b = _baseline_rows(args.name, args.storage, meta)
-    if b:
-        print("baselines (evaluated, not trained):")
-        print(format_table(["baseline", "metric", "value"], [[x, m, f"{v:.5g}"] for x, m, v in b]))
+    _print_baselines(args.name, args.storage, meta, "baselines (evaluated, not trained):")
     return 0
 
 
@@ -91,10 +95,7 @@ def cmd_best(args) -> int:
     print(f"sweep {args.name}: ranked by {meta['metric'].split('_')[0]}_<steps> ({args.scope} evaluation, "
           f"mean over seeds; full-length trials first)")
     print(format_table(header, table))
-    b = _baseline_rows(args.name, args.storage, meta)
-    if b:
-        print("baselines (evaluated, not trained; not ranked):")
-        print(format_table(["baseline", "metric", "value"], [[x, m, f"{v:.5g}"] for x, m, v in b]))
+    _print_baselines(args.name, args.storage, meta, "baselines (evaluated, not trained; not ranked):")
     best = rows[0]
     print(f"best: {best['config']} with steps {best['spec']}: {best['mean']:.5g} +- {best['std']:.3g}")
     if args.export:

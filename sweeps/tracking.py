@@ -48,6 +48,22 @@ def find_trial_run(c, exp_id: str, parent_id: str, trial_id: str):
     return runs[0] if runs else None
 
 
+def log_params(c, rid: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    batch = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(rid, params=batch[i:i + 100])
+
+
+def close_run(c, rid: str, *, failed: bool, images_seen: int, max_images: int) -> None:
+    """The one rule for a finished trial's run: FAILED (error, divergence) or FINISHED, tagged with the rung when
+    ASHA ended it before max_images."""
+    if not failed and images_seen < max_images:
+        c.set_tag(rid, "p2sweep.stopped_at_rung", str(images_seen))
+    c.set_terminated(rid, "FAILED" if failed else "FINISHED")
+
+
 def _finite_metrics(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(float(v))}
@@ -86,17 +102,12 @@ class MLflowTracker(Callback):
             if found.info.status != "RUNNING":
                 c.update_run(rid, status="RUNNING")
         else:
-            from mlflow.entities import Param
-
             run = c.create_run(self._exp, run_name=str(trial), tags={
                 "mlflow.parentRunId": self.parent, ROLE: "trial", TRIAL_ID: trial.trial_id,
                 "p2sweep.sweep": self.spec_name})
             rid = run.info.run_id
-            params = dict(self.base_flat)
-            params.update(trial.config)
-            batch = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-            for i in range(0, len(batch), 100):
-                c.log_batch(rid, params=batch[i:i + 100])
+            params = {**self.base_flat, **trial.config}
+            log_params(c, rid, params)
             self._log_trial_config(rid, params)
         self._runs[trial.trial_id] = rid
         return rid
@@ -106,10 +117,8 @@ class MLflowTracker(Callback):
 
         import yaml
 
-        from p2core.config import apply_overrides
-
-        from p2core.config import config_from_dict
-        from p2core.schedules import alphas_cumprod_from_betas, get_named_beta_schedule, snr_from_alphas_cumprod
+        from p2core.config import apply_overrides, config_from_dict
+        from p2core.schedules import named_snr
         from p2core.weighting import make_weighting, plot_weighting
 
         nested = apply_overrides({}, params)
@@ -119,8 +128,7 @@ class MLflowTracker(Callback):
                 yaml.safe_dump(nested, f, sort_keys=False)
             self.c.log_artifact(rid, p)
             df = config_from_dict(nested).diffusion
-            snr = snr_from_alphas_cumprod(alphas_cumprod_from_betas(
-                get_named_beta_schedule(df.noise_schedule, df.diffusion_steps)))
+            snr = named_snr(df.noise_schedule, df.diffusion_steps)
             w = make_weighting(df.weighting, df.p2_gamma, df.p2_k, df.min_snr_gamma)
             self.c.log_artifact(rid, plot_weighting(os.path.join(d, "weight_vs_snr.png"),
                                                     [(f"{df.noise_schedule}: {w.label}", snr, w(snr))]))
@@ -146,8 +154,6 @@ class MLflowTracker(Callback):
             self.c.log_batch(rid, metrics=ms[i:i + 500])
         if result.get("diverged"):
             self.c.set_tag(rid, "p2sweep.diverged", result.get("diverged_reason", "non-finite loss"))
-        self._last = getattr(self, "_last", {})
-        self._last[trial.trial_id] = result
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.close_trial(trial, error=False)
@@ -161,17 +167,11 @@ class MLflowTracker(Callback):
         self.c.set_tag(rid, "p2sweep.images_seen", str(res.get("images_seen", 0)))
         if error:
             self.c.set_tag(rid, "p2sweep.failure", "trial raised (retries exhausted); see its error.txt")
-            status = "FAILED"
         elif res.get("diverged"):
             self.c.set_tag(rid, "p2sweep.failure", res.get("diverged_reason", "diverged"))
-            status = "FAILED"
-        else:
-            imgs = int(res.get("images_seen", 0))
-            if imgs < self.max_images:
-                self.c.set_tag(rid, "p2sweep.stopped_at_rung", str(imgs))
-            status = "FINISHED"
         self._log_trial_artifacts(rid, trial)
-        self.c.set_terminated(rid, status)
+        close_run(self.c, rid, failed=error or bool(res.get("diverged")),
+                  images_seen=int(res.get("images_seen", 0)), max_images=self.max_images)
 
     def _log_trial_artifacts(self, rid, trial):
         d = os.path.join(getattr(trial, "local_path", None) or trial.path, "p2")
@@ -199,17 +199,13 @@ def reconcile(uri: str, experiment: str, parent_id: str, trial_states: dict, max
             c.set_tag(r.info.run_id, "p2sweep.interrupted_at", str(st.get("images_seen", 0)))
             c.set_terminated(r.info.run_id, "KILLED")
             continue
-        if st["state"] == "ERROR" or st.get("diverged"):
-            c.set_terminated(r.info.run_id, "FAILED")
-        else:
-            if st.get("images_seen", 0) < max_images:
-                c.set_tag(r.info.run_id, "p2sweep.stopped_at_rung", str(st.get("images_seen", 0)))
-            c.set_terminated(r.info.run_id, "FINISHED")
+        close_run(c, r.info.run_id, failed=st["state"] == "ERROR" or bool(st.get("diverged")),
+                  images_seen=int(st.get("images_seen", 0)), max_images=max_images)
 
 
 def log_baseline(uri: str, experiment: str, parent_id: str, b: dict, cfg, res: dict) -> str:
     """One child run per baseline (tag p2sweep.role=baseline), found again by name: never duplicated."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
     c = client(uri)
     exp = ensure_experiment(c, experiment)
@@ -220,10 +216,8 @@ def log_baseline(uri: str, experiment: str, parent_id: str, b: dict, cfg, res: d
     run = c.create_run(exp, run_name=f"baseline {b['name']}", tags={
         "mlflow.parentRunId": parent_id, ROLE: "baseline", "p2sweep.baseline": b["name"]})
     rid = run.info.run_id
-    params = {**cfg.flat(), "baseline.checkpoint": b["checkpoint"], "baseline.weights": res.get("weights", "")}
-    batch = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(batch), 100):
-        c.log_batch(rid, params=batch[i:i + 100])
+    log_params(c, rid, {**cfg.flat(), "baseline.checkpoint": b["checkpoint"],
+                        "baseline.weights": res.get("weights", "")})
     ts = int(time.time() * 1000)
     c.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in _finite_metrics(res).items()])
     c.set_terminated(rid, "FINISHED")
