@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test test-cluster install data bench clean
 
 install: $(STAMP)
 
@@ -35,7 +35,11 @@ demo: install data
 	$(VENV)/bin/p2sweep best demo --storage $(CURDIR)/demo_out --export $(CURDIR)/demo_out/best.yaml
 
 test: install data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not cluster" --durations=15
+
+# multi-process set-ups (a Ray head with token auth, ...): slower, run by CI after `make test`
+test-cluster: install data
+	$(PY) -m pytest -q -m cluster tests/cluster
 
 bench: install data
 	$(PY) bench/train_step.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -79,9 +80,6 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
     channels_last: bool = False
-    # Fault injection for tests of the sweep layer: raise once at this image count / make the loss NaN.
-    inject_crash_at_images: int = 0
-    inject_nan_at_images: int = 0
 
 
 @dataclass
@@ -92,7 +90,8 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: ["fid", "kid"])
     extractor: str = "inception"  # inception | random (cheap test net: metrics named rfid/rkid)
     inception_path: str = ""
-    allow_download: bool = False
+    allow_download: bool = False  # fetch NVIDIA's Inception (needs inception_sha256: no checksum is published)
+    inception_sha256: str = ""  # "" = $P2SWEEP_INCEPTION_SHA256
     ref_samples: int = 0  # 0 = the whole training set
     batch_size: int = 256
     cache_dir: str = ""
@@ -189,8 +188,28 @@ def _build(cls, data, prefix: str):
     return cls(**kwargs)
 
 
+# Keys that older versions wrote into every checkpoint's config_yaml (test-only fault injection, since removed).
+# Their default 0 is dropped so those checkpoints still load; any other value is an unknown key, as for a typo.
+LEGACY_ZERO_KEYS = {"train": ("inject_crash_at_images", "inject_nan_at_images")}
+
+
+def drop_legacy_keys(data):
+    """A shallow copy of `data` without the LEGACY_ZERO_KEYS whose value is 0; anything else is left to _build."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for sec, keys in LEGACY_ZERO_KEYS.items():
+        section = out.get(sec)
+        if not isinstance(section, dict):
+            continue
+        dead = [k for k in keys if k in section and type(section[k]) in (int, float) and section[k] == 0]
+        if dead:
+            out[sec] = {k: v for k, v in section.items() if k not in dead}
+    return out
+
+
 def config_from_dict(data: dict) -> TrainingConfig:
-    cfg = _build(TrainingConfig, data, "")
+    cfg = _build(TrainingConfig, drop_legacy_keys(data), "")
     validate(cfg)
     return cfg
 
@@ -308,7 +327,7 @@ def validate(cfg: TrainingConfig) -> None:
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(0.0 <= t.ema_rate < 1.0, "train.ema_rate", "must be in [0, 1)")
     for k in ("log_every_images", "eval_every_images", "checkpoint_every_images", "sample_every_images",
-              "num_threads", "grid_samples", "inject_crash_at_images", "inject_nan_at_images"):
+              "num_threads", "grid_samples"):
         need(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
@@ -326,6 +345,8 @@ def validate(cfg: TrainingConfig) -> None:
     for mname in e.metrics:
         need(mname in ("fid", "kid"), "eval.metrics", f"unknown metric {mname!r} (expected fid and/or kid)")
     need(e.ref_samples >= 0, "eval.ref_samples", "must be >= 0")
+    need(not e.inception_sha256 or re.fullmatch(r"[0-9a-fA-F]{64}", e.inception_sha256), "eval.inception_sha256",
+         f"expected 64 hex digits (a sha256), got {e.inception_sha256!r}")
     need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     if cfg.metric:
         from .metrics import check_metric_produced

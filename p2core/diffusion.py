@@ -15,7 +15,7 @@ from .respace import space_timesteps
 from .schedules import alphas_cumprod_from_betas, get_named_beta_schedule, snr_from_alphas_cumprod
 from .weighting import make_weighting
 
-__all__ = ["GaussianDiffusion", "create_diffusion", "space_timesteps"]
+__all__ = ["GaussianDiffusion", "create_diffusion", "diffusion_from_config", "space_timesteps"]
 
 
 def _extract(arr: np.ndarray, t: torch.Tensor, shape) -> torch.Tensor:
@@ -226,3 +226,15 @@ def create_diffusion(steps=1000, noise_schedule="linear", learn_sigma=False, sig
             last = ac
             tmap.append(i)
     return GaussianDiffusion(np.array(new_betas), timestep_map=tmap, **kwargs)
+
+
+def diffusion_from_config(diff_cfg, timestep_respacing: str | None = None) -> GaussianDiffusion:
+    """The process of a DiffusionConfig; timestep_respacing None = the config's own (training) respacing, else a
+    sampling spec such as "250" or "ddim25" (already normalised by `respace.parse_respacing`)."""
+    d = diff_cfg
+    respacing = d.timestep_respacing if timestep_respacing is None else timestep_respacing
+    return create_diffusion(steps=d.diffusion_steps, noise_schedule=d.noise_schedule, learn_sigma=d.learn_sigma,
+                            sigma_small=d.sigma_small, predict_xstart=d.predict_xstart,
+                            rescale_learned_sigmas=d.rescale_learned_sigmas, rescale_timesteps=d.rescale_timesteps,
+                            timestep_respacing=respacing, p2_gamma=d.p2_gamma, p2_k=d.p2_k, weighting=d.weighting,
+                            min_snr_gamma=d.min_snr_gamma)

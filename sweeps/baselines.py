@@ -74,13 +74,11 @@ def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tr
         return {}
     import torch
 
-    from p2core import checkpoint as ck
+    from p2core.atomic import atomic_write_text
+    from p2core.checkpoint import load_model
     from p2core.data import load_dataset
     from p2core.evaluation import Evaluator
     from p2core.trainer import resolve_device
-    from p2core.unet import load_weights, model_from_config
-
-    from .runner import atomic_json
 
     done = load_results(exp_dir)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -91,20 +89,16 @@ def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tr
         data = apply_overrides(base, b["overrides"])
         data.setdefault("eval", {})["cache_dir"] = cache_dir
         cfg = config_from_dict(data)
-        obj = ck.load_file(b["checkpoint"])
-        sd, which = ck.weights_from(obj)
-        model = model_from_config(cfg)
-        load_weights(model, sd, b["checkpoint"])
+        model, cfg, which = load_model(b["checkpoint"], cfg)
         dev = resolve_device(cfg.train.device)
         if ev_cache is None:
-            images, key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
-            ev_cache = (images, key)
+            ev_cache = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
         print(f"baseline {b['name']}: evaluating {b['checkpoint']} ({which}) at {cfg.eval.sampling_steps}",
               file=sys.stderr)
-        res = Evaluator(cfg, *ev_cache, device=dev, progress=True).evaluate_model(model.to(dev), list(cfg.eval.sampling_steps),
-                                                                                  seed=cfg.eval.seed)
+        res = Evaluator(cfg, *ev_cache, device=dev, progress=True).evaluate_model(
+            model.to(dev), list(cfg.eval.sampling_steps), seed=cfg.eval.seed)
         done[b["name"]] = {**res, "checkpoint": b["checkpoint"], "weights": which, "overrides": b["overrides"]}
-        atomic_json(os.path.join(exp_dir, FILE), done)
+        atomic_write_text(os.path.join(exp_dir, FILE), json.dumps(done, indent=1, default=str))
         if tracker is not None:
             tracker(b, cfg, done[b["name"]])
     return done

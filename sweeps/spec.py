@@ -11,7 +11,7 @@
       model.num_res_blocks: {randint: [1, 3]}    # inclusive
     search: {algorithm: grid|random|optuna, num_samples: 1, max_concurrent: 0, seed: 0}
     scheduler: {type: asha|none, grace_period_images: 2000, max_images: 0, reduction_factor: 3}
-    seeds: [0]                          # replicates: each configuration once per seed (train.seed)
+    seeds: [0]                          # replicates: every configuration runs once per seed (train.seed), same values
     resources: {cpu: 1, gpu: 0}
     max_failures: 1
     storage: ""                         # default $P2SWEEP_STORAGE or ~/p2sweep
@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 
 from p2core.config import TrainingConfig, apply_overrides, config_from_dict, flatten, safe_load_yaml
 from p2core.errors import UserError
+
+from .baselines import parse_baselines
+from .meta import validate_name
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {"name", "base", "overrides", "metric", "mode", "space", "search", "scheduler", "seeds", "resources",
@@ -59,7 +62,11 @@ class SweepSpec:
     raw: dict = field(default_factory=dict)  # the sweep file's mapping after --set (stored for resume)
 
     def base_config(self) -> TrainingConfig:
-        return config_from_dict(self.base)
+        return config_from_dict(copy.deepcopy(self.base))
+
+    def milestones(self) -> list[int]:
+        """ASHA's rungs below the end of training (where it decides)."""
+        return [r for r in self.rungs() if r < self.max_images]
 
     def rungs(self) -> list[int]:
         """ASHA's milestones in images: grace * rf^k up to max_images (the evaluation points must include them)."""
@@ -78,10 +85,14 @@ class SweepSpec:
                 n *= len(vals)
         return n
 
-    def num_trials(self) -> int | None:
+    def num_configs(self) -> int:
+        """Configurations the search tries (each runs once per seed)."""
         if self.algorithm == "optuna":
-            return self.num_samples * len(self.seeds)
-        return self.grid_size() * self.num_samples * len(self.seeds)
+            return self.num_samples
+        return self.grid_size() * self.num_samples
+
+    def num_trials(self) -> int:
+        return self.num_configs() * len(self.seeds)
 
 
 def _need(cond, key, msg):
@@ -127,7 +138,7 @@ def parse_space(raw, base_flat: dict) -> dict:
 def load_sweep(path: str, overrides: dict | None = None) -> SweepSpec:
     raw = safe_load_yaml(path)
     _need(isinstance(raw, dict), path, "a sweep file is a mapping")
-    raw = apply_overrides(raw, {k: v for k, v in (overrides or {}).items() if k.split(".")[0] in TOP_KEYS - {"overrides"}})
+    raw = apply_overrides(raw, {k: v for k, v in (overrides or {}).items() if k.split(".")[0] in TOP_KEYS - {"overrides", "base"}})
     cfg_over = {k[len("base."):]: v for k, v in (overrides or {}).items() if k.startswith("base.")}
     bad = [k for k in (overrides or {}) if k.split(".")[0] not in TOP_KEYS | {"base"}]
     if bad:
@@ -161,6 +172,9 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
         cfg = config_from_dict(copy.deepcopy(base))
     except UserError as e:
         raise UserError(f"base config: {e}") from None
+    # from here on the sweep works from the validated config (every default filled in), never the raw mapping
+    base = cfg.to_dict()
+    base["metric"] = metric
     _need(cfg.eval.enabled, "base.eval.enabled", "a sweep needs evaluation")
     _need(raw.get("mode", "min") == "min", "mode", "only min is supported (FID/KID: lower is better)")
     space = parse_space(raw.get("space"), flatten(cfg.to_dict()))
@@ -194,15 +208,16 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     _need(isinstance(rf, int) and rf >= 2, "scheduler.reduction_factor", "must be an integer >= 2")
     _need(0 < grace <= max_images, "scheduler.grace_period_images", f"must be in (0, {max_images}]")
     seeds = raw.get("seeds", [cfg.train.seed])
-    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds), "seeds",
-          "expected a non-empty list of integers")
+    _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+          and len(set(seeds)) == len(seeds), "seeds", "expected a non-empty list of distinct integers")
     res = raw.get("resources") or {}
     _need(isinstance(res, dict), "resources", "expected {cpu: N, gpu: N}")
     for k in res:
         _need(k in ("cpu", "gpu"), f"resources.{k}", "unknown key (cpu, gpu)")
     cpu, gpu = float(_num(res.get("cpu", 1), "resources.cpu")), float(_num(res.get("gpu", 0), "resources.gpu"))
     _need(cpu > 0, "resources.cpu", "must be > 0")
-    _need(gpu >= 0 and (gpu <= 1 or gpu.is_integer()), "resources.gpu", "must be a fraction <= 1 or a whole number")
+    _need(0 <= gpu <= 1, "resources.gpu", "must be in [0, 1]: one trial trains on one device (0.5 packs two "
+          "trials per GPU); bigger models need a smaller train.batch_size or a bigger GPU")
     tr = raw.get("tracking") or {}
     _need(isinstance(tr, dict), "tracking", "expected a mapping")
     for k in tr:
@@ -213,14 +228,12 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     _need(isinstance(mc, int) and mc >= 0, "search.max_concurrent", "must be an integer >= 0")
     mf = raw.get("max_failures", 1)
     _need(isinstance(mf, int) and mf >= 0, "max_failures", "must be an integer >= 0")
-    from .baselines import parse_baselines
-
+    sseed = search.get("seed", 0)
+    _need(isinstance(sseed, int), "search.seed", "must be an integer")
     baselines = parse_baselines(raw.get("baselines"), base, here)
-    name = raw.get("name") or "sweep"
-    _need(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), "name",
-          "letters, digits, - and _ only")
+    name = validate_name(raw.get("name") or "sweep", "name")
     return SweepSpec(name=name, base=base, metric=metric, space=space, algorithm=algo, num_samples=ns,
-                     max_concurrent=mc, search_seed=int(search.get("seed", 0)), scheduler=stype,
+                     max_concurrent=mc, search_seed=sseed, scheduler=stype,
                      grace_period_images=grace, max_images=max_images, reduction_factor=rf, seeds=seeds, cpu=cpu,
                      gpu=gpu, max_failures=mf, storage=str(raw.get("storage") or ""),
                      mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
@@ -244,7 +257,7 @@ def describe(spec: SweepSpec) -> str:
                  f"{spec.max_concurrent or 'unlimited'}; max_failures {spec.max_failures}")
     per_img = cfg.train.total_images
     gen = generated_images(cfg, len(pts))
-    lines.append(f"  trials: {n}; per trial at most {per_img} images trained, {len(pts)} evaluations at {pts}, "
+    lines.append(f"  configurations: {spec.num_configs()} x {len(spec.seeds)} seed(s) = trials: {n}; per trial at most {per_img} images trained, {len(pts)} evaluations at {pts}, "
                  f"{gen} images generated")
     for b in spec.baselines:
         lines.append(f"  baseline {b['name']}: {b['checkpoint']} (evaluated, not trained; "

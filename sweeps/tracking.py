@@ -1,28 +1,69 @@
-"""MLflow tracking from the driver: one parent run per sweep, exactly one child run per trial.
+"""MLflow tracking from the driver: one parent run per sweep, exactly one child run per (configuration, seed).
 
-All MLflow writes happen in the driver (a Ray Tune Callback), so trials never contend for the SQLite store. Child
-runs are found again by the tag `p2sweep.trial_id` (after retries and `p2sweep resume`), so a trial never gets a
-second run, and `reconcile()` closes every run a dead driver left RUNNING.
+All MLflow writes happen in the driver (a Ray Tune Callback), so trials never contend for the SQLite store. A child
+run is keyed by its replicate `<group>:<seed>` (tag `p2sweep.replicate`) and tagged with the Tune trial id, so a
+retried trial, a resumed trial and a trial that a driver crash lost and Tune re-created under a new id all log into
+the same run. MLflow being slow or down never ends a sweep or fails a trial (Tune treats an exception in a callback
+as a trial failure): every call is retried with backoff, then what could not be written is queued in
+`<experiment>/p2sweep_mlflow_pending.jsonl` and written by `finish` (end of run/resume) or the next resume.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 
 from ray.tune import Callback
 
+from .report import GROUP_KEY, TrialReport
+
+log = logging.getLogger("p2sweep.tracking")
 ROLE = "p2sweep.role"
 TRIAL_ID = "p2sweep.trial_id"
+REPLICATE = "p2sweep.replicate"
+PENDING = "p2sweep_mlflow_pending.jsonl"
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # about a minute in all, then the write is queued
 
 
 def client(uri: str):
-    import mlflow
+    """A client for `uri` only. (Not mlflow.set_tracking_uri: it also sets $MLFLOW_TRACKING_URI, which would
+    send the next sweep started in the same process to this sweep's store.)"""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+class Retrying:
+    """An MlflowClient whose calls are retried with backoff ("database is locked", a server down for a minute).
+    After one call has used up its retries, later calls try once until one succeeds, so a dead server costs one
+    minute, not one minute per call."""
+
+    def __init__(self, inner):
+        self._inner, self._down = inner, False
+
+    def __getattr__(self, name):
+        fn = getattr(self._inner, name)
+        if not callable(fn):
+            return fn
+
+        def call(*a, **kw):
+            delays = () if self._down else RETRY_DELAYS
+            for i in range(len(delays) + 1):
+                try:
+                    out = fn(*a, **kw)
+                    self._down = False
+                    return out
+                except Exception as e:
+                    if i == len(delays):
+                        self._down = True
+                        raise
+                    log.warning("MLflow %s failed (%s); retrying in %.1f s", name, str(e).splitlines()[0][:120],
+                                delays[i])
+                    time.sleep(delays[i])
+        return call
 
 
 def artifact_root(uri: str) -> str | None:
@@ -42,12 +83,6 @@ def ensure_experiment(c, name: str) -> str:
                                tags={"mlflow.experimentKind": "custom_model_development"})
 
 
-def find_trial_run(c, exp_id: str, parent_id: str, trial_id: str):
-    runs = c.search_runs([exp_id], filter_string=f"tags.`{TRIAL_ID}` = '{trial_id}' and "
-                                                  f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=5)
-    return runs[0] if runs else None
-
-
 def log_params(c, rid: str, params: dict) -> None:
     from mlflow.entities import Param
 
@@ -64,52 +99,48 @@ def close_run(c, rid: str, *, failed: bool, images_seen: int, max_images: int) -
     c.set_terminated(rid, "FAILED" if failed else "FINISHED")
 
 
-def _finite_metrics(d: dict) -> dict:
+def finite_metrics(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
             and math.isfinite(float(v))}
 
 
-class MLflowTracker(Callback):
-    """Logs each trial into its own child run under the sweep's parent run (ids are looked up, never cached on disk
-    beyond the parent id in the experiment's p2sweep.json)."""
+def replicate_key(config: dict) -> str:
+    return f"{config.get(GROUP_KEY, '-')}:{config.get('train.seed', '-')}"
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str, base_flat: dict, metric: str,
-                 max_images: int, spec_name: str):
-        self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
-        self.base_flat, self.metric, self.max_images, self.spec_name = base_flat, metric, max_images, spec_name
-        self._c = None
-        self._runs: dict = {}
 
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_c"], d["_runs"] = None, {}
-        return d
+class TrialRuns:
+    """Child runs of one sweep: found by replicate key, created with the trial's params and config artifacts."""
 
-    @property
-    def c(self):
-        if self._c is None:
-            self._c = client(self.uri)
-            self._exp = ensure_experiment(self._c, self.experiment)
-        return self._c
+    def __init__(self, c, experiment: str, parent: str, base_flat: dict, sweep: str):
+        self.c, self.parent, self.base_flat, self.sweep = c, parent, base_flat, sweep
+        self.exp = ensure_experiment(c, experiment)
+        self._ids: dict = {}
 
-    def run_id(self, trial) -> str:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        c = self.c
-        found = find_trial_run(c, self._exp, self.parent, trial.trial_id)
-        if found is not None:
-            rid = found.info.run_id
-            if found.info.status != "RUNNING":
-                c.update_run(rid, status="RUNNING")
+    def get(self, trial_id: str, config: dict, label: str = "") -> str:
+        key = replicate_key(config)
+        if key in self._ids:
+            rid = self._ids[key]
         else:
-            run = c.create_run(self._exp, run_name=str(trial), tags={
-                "mlflow.parentRunId": self.parent, ROLE: "trial", TRIAL_ID: trial.trial_id,
-                "p2sweep.sweep": self.spec_name})
-            rid = run.info.run_id
-            params = {**self.base_flat, **trial.config}
-            log_params(c, rid, params)
-            self._log_trial_config(rid, params)
-        self._runs[trial.trial_id] = rid
+            found = self.c.search_runs([self.exp], filter_string=f"tags.`{REPLICATE}` = '{key}' and "
+                                                                 f"tags.`mlflow.parentRunId` = '{self.parent}'",
+                                       max_results=1)
+            if found:
+                rid = found[0].info.run_id
+                if found[0].info.status != "RUNNING":
+                    self.c.update_run(rid, status="RUNNING")
+            else:
+                rid = self._create(key, config, label or trial_id)
+            self._ids[key] = rid
+        self.c.set_tag(rid, TRIAL_ID, trial_id)
+        return rid
+
+    def _create(self, key: str, config: dict, label: str) -> str:
+        run = self.c.create_run(self.exp, run_name=label, tags={
+            "mlflow.parentRunId": self.parent, ROLE: "trial", REPLICATE: key, "p2sweep.sweep": self.sweep})
+        rid = run.info.run_id
+        params = {**self.base_flat, **config}
+        log_params(self.c, rid, params)
+        self._log_trial_config(rid, {k: v for k, v in params.items() if k != GROUP_KEY})
         return rid
 
     def _log_trial_config(self, rid, params):
@@ -133,51 +164,11 @@ class MLflowTracker(Callback):
             self.c.log_artifact(rid, plot_weighting(os.path.join(d, "weight_vs_snr.png"),
                                                     [(f"{df.noise_schedule}: {w.label}", snr, w(snr))]))
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
-        rid = self.run_id(trial)
-        ts = int(time.time() * 1000)
-        step = int(result.get("images_seen", 0))
-        ms = []
-        for rec in json.loads(result.get("train_log") or "[]"):
-            s = int(rec.get("images_seen", step))
-            ms += [Metric(k, v, ts, s) for k, v in _finite_metrics(rec).items() if k not in ("images_seen", "step")]
-        skip = {"images_seen", "diverged", "final", "loss", "training_iteration", "time_this_iter_s",
-                "time_total_s", "timestamp", "pid", "time_since_restore", "iterations_since_restore", "done"}
-        evals = {k: v for k, v in _finite_metrics(result).items() if k not in skip and not k.startswith("config")}
-        ms += [Metric(k, v, ts, step) for k, v in evals.items()]
-        for i in range(0, len(ms), 500):
-            self.c.log_batch(rid, metrics=ms[i:i + 500])
-        if result.get("diverged"):
-            self.c.set_tag(rid, "p2sweep.diverged", result.get("diverged_reason", "non-finite loss"))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.close_trial(trial, error=False)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.close_trial(trial, error=True)
-
-    def close_trial(self, trial, error: bool):
-        rid = self.run_id(trial)
-        res = trial.last_result or {}
-        self.c.set_tag(rid, "p2sweep.images_seen", str(res.get("images_seen", 0)))
-        if error:
-            self.c.set_tag(rid, "p2sweep.failure", "trial raised (retries exhausted); see its error.txt")
-        elif res.get("diverged"):
-            self.c.set_tag(rid, "p2sweep.failure", res.get("diverged_reason", "diverged"))
-        self._log_trial_artifacts(rid, trial)
-        close_run(self.c, rid, failed=error or bool(res.get("diverged")),
-                  images_seen=int(res.get("images_seen", 0)), max_images=self.max_images)
-
-    def _log_trial_artifacts(self, rid, trial):
-        d = os.path.join(getattr(trial, "local_path", None) or trial.path, "p2")
+    def log_artifacts(self, rid: str, trial_dir: str) -> None:
+        d = os.path.join(trial_dir, "p2")
         if not os.path.isdir(d):
             return
-        for name in ("config.yaml", "loss.png"):
+        for name in ("config.yaml", "loss.png", "metrics.jsonl"):
             if os.path.exists(os.path.join(d, name)):
                 self.c.log_artifact(rid, os.path.join(d, name))
         sd = os.path.join(d, "samples")
@@ -185,29 +176,163 @@ class MLflowTracker(Callback):
             self.c.log_artifacts(rid, sd, "samples")
 
 
+def result_metrics(metric: str, result: dict) -> list:
+    """MLflow metrics of one trial report: the training log since the last report and every evaluation."""
+    from mlflow.entities import Metric
+
+    rep = TrialReport.from_result(metric, result)
+    ts = int(time.time() * 1000)
+    ms = []
+    for rec in rep.train_log:
+        s = int(rec.get("images_seen", rep.images_seen))
+        ms += [Metric(k, v, ts, s) for k, v in finite_metrics(rec).items() if k not in ("images_seen", "step")]
+    ms += [Metric(k, v, ts, rep.images_seen) for k, v in finite_metrics(rep.evals).items()]
+    return ms
+
+
+class MLflowTracker(Callback):
+    """Logs each trial into its child run under the sweep's parent run; never raises into Tune."""
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, base_flat: dict, metric: str,
+                 max_images: int, sweep: str, exp_dir: str):
+        self.uri, self.experiment, self.parent = uri, experiment, parent_run_id
+        self.base_flat, self.metric, self.max_images, self.sweep = base_flat, metric, max_images, sweep
+        self.exp_dir = exp_dir
+        self._runs = None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_runs"] = None
+        return d
+
+    @property
+    def runs(self) -> TrialRuns:
+        if self._runs is None:
+            self._runs = TrialRuns(Retrying(client(self.uri)), self.experiment, self.parent, self.base_flat,
+                                   self.sweep)
+        return self._runs
+
+    def _safely(self, what: str, trial, fn, pending: dict) -> None:
+        try:
+            fn()
+        except Exception as e:  # MLflow down after retries: queue it, keep the sweep going
+            log.warning("MLflow: could not %s for trial %s (%s); queued for the end of the run", what,
+                        trial.trial_id, str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__)
+            queue_pending(self.exp_dir, {"trial_id": trial.trial_id, "config": dict(trial.config), **pending})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._safely("create the run", trial, lambda: self.runs.get(trial.trial_id, trial.config, str(trial)),
+                     {"op": "run"})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        try:
+            ms = result_metrics(self.metric, result)
+        except Exception as e:  # a malformed report must not fail the trial either
+            log.warning("MLflow: unreadable report of trial %s (%s)", trial.trial_id, e)
+            return
+
+        def send():
+            rid = self.runs.get(trial.trial_id, trial.config, str(trial))
+            for i in range(0, len(ms), 500):
+                self.runs.c.log_batch(rid, metrics=ms[i:i + 500])
+            if result.get("diverged"):
+                self.runs.c.set_tag(rid, "p2sweep.diverged", result.get("diverged_reason", "non-finite loss"))
+
+        self._safely("log metrics", trial, send,
+                     {"op": "metrics", "metrics": [[m.key, m.value, m.timestamp, m.step] for m in ms]})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, error=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, error=True)
+
+    def _close(self, trial, error: bool):
+        res = trial.last_result or {}
+
+        def close():
+            rid = self.runs.get(trial.trial_id, trial.config, str(trial))
+            c = self.runs.c
+            c.set_tag(rid, "p2sweep.images_seen", str(res.get("images_seen", 0)))
+            if error:
+                c.set_tag(rid, "p2sweep.failure", "trial raised (retries exhausted); see its error.txt")
+            elif res.get("diverged"):
+                c.set_tag(rid, "p2sweep.failure", res.get("diverged_reason", "diverged"))
+            self.runs.log_artifacts(rid, getattr(trial, "local_path", None) or trial.path)
+            close_run(c, rid, failed=error or bool(res.get("diverged")), images_seen=int(res.get("images_seen", 0)),
+                      max_images=self.max_images)
+
+        self._safely("close the run", trial, close, {"op": "close"})
+
+
+def queue_pending(exp_dir: str, rec: dict) -> None:
+    os.makedirs(exp_dir, exist_ok=True)
+    with open(os.path.join(exp_dir, PENDING), "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+
+
+def write_pending(uri: str, experiment: str, parent_id: str, base_flat: dict, sweep: str, exp_dir: str,
+                  trial_dirs: dict) -> int:
+    """Write what the tracker had to queue (runs, metrics, artifacts); returns how many records are still queued.
+    Closing the runs is `reconcile`'s job."""
+    from mlflow.entities import Metric
+
+    from p2core.atomic import atomic_write_text
+
+    path = os.path.join(exp_dir, PENDING)
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    runs = TrialRuns(Retrying(client(uri)), experiment, parent_id, base_flat, sweep)
+    left = []
+    for rec in recs:
+        try:
+            rid = runs.get(rec["trial_id"], rec["config"])
+            if rec["op"] == "metrics":
+                ms = [Metric(k, v, ts, s) for k, v, ts, s in rec["metrics"]]
+                for i in range(0, len(ms), 500):
+                    runs.c.log_batch(rid, metrics=ms[i:i + 500])
+            elif rec["op"] == "close" and rec["trial_id"] in trial_dirs:
+                runs.log_artifacts(rid, trial_dirs[rec["trial_id"]])
+        except Exception as e:
+            log.warning("MLflow still failing (%s): %d record(s) stay queued in %s", str(e).splitlines()[0][:120],
+                        len(recs) - len(left), path)
+            left = recs[recs.index(rec):]
+            break
+    if left:
+        atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in left))
+    else:
+        os.unlink(path)
+    return len(left)
+
+
 def reconcile(uri: str, experiment: str, parent_id: str, trial_states: dict, max_images: int) -> None:
-    """Close runs left RUNNING (a driver that died, a trial that Ray stopped): state from the trial table."""
-    c = client(uri)
+    """Close runs left RUNNING (a driver that died, a trial that Ray stopped): state from the trial table. A run whose
+    trial Tune no longer knows (asked after its last state save, then lost in a driver crash) is KILLED."""
+    c = Retrying(client(uri))
     exp = ensure_experiment(c, experiment)
     runs = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
     for r in runs:
-        tid = r.data.tags.get(TRIAL_ID)
-        st = trial_states.get(tid)
-        if r.info.status != "RUNNING" or st is None:
+        if r.info.status != "RUNNING" or r.data.tags.get(ROLE) != "trial":
             continue
-        if st["state"] in ("RUNNING", "PENDING", "PAUSED"):  # interrupted; `p2sweep resume` reopens it
+        st = trial_states.get(r.data.tags.get(TRIAL_ID))
+        if st is None:
+            c.set_tag(r.info.run_id, "p2sweep.lost", "the driver died before Ray Tune saved this trial")
+            c.set_terminated(r.info.run_id, "KILLED")
+        elif st["state"] in ("RUNNING", "PENDING", "PAUSED"):  # interrupted; `p2sweep resume` reopens it
             c.set_tag(r.info.run_id, "p2sweep.interrupted_at", str(st.get("images_seen", 0)))
             c.set_terminated(r.info.run_id, "KILLED")
-            continue
-        close_run(c, r.info.run_id, failed=st["state"] == "ERROR" or bool(st.get("diverged")),
-                  images_seen=int(st.get("images_seen", 0)), max_images=max_images)
+        else:
+            close_run(c, r.info.run_id, failed=st["state"] == "ERROR" or bool(st.get("diverged")),
+                      images_seen=int(st.get("images_seen", 0)), max_images=max_images)
 
 
 def log_baseline(uri: str, experiment: str, parent_id: str, b: dict, cfg, res: dict) -> str:
     """One child run per baseline (tag p2sweep.role=baseline), found again by name: never duplicated."""
     from mlflow.entities import Metric
 
-    c = client(uri)
+    c = Retrying(client(uri))
     exp = ensure_experiment(c, experiment)
     found = c.search_runs([exp], filter_string=f"tags.`p2sweep.baseline` = '{b['name']}' and "
                                                f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1)
@@ -219,6 +344,6 @@ def log_baseline(uri: str, experiment: str, parent_id: str, b: dict, cfg, res: d
     log_params(c, rid, {**cfg.flat(), "baseline.checkpoint": b["checkpoint"],
                         "baseline.weights": res.get("weights", "")})
     ts = int(time.time() * 1000)
-    c.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in _finite_metrics(res).items()])
+    c.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(res).items()])
     c.set_terminated(rid, "FINISHED")
     return rid

@@ -1,62 +1,76 @@
 """The Ray Tune trainable: a thin adapter over the p2core Trainer (never a stand-in).
 
-It reports only at evaluation points (which include every ASHA rung), with the sweep metric in every report and
-images seen as ASHA's time attribute; each report carries the trainer's checkpoint, and a restarted trial continues
-from `tune.get_checkpoint()`. A diverged trial reports metric = +inf with `diverged = 1` and returns (no retry).
+It reports only at evaluation points (which include every ASHA rung), one `TrialReport` each, with images seen as
+ASHA's time attribute; each report carries the trainer's checkpoint, and a restarted trial continues from
+`tune.get_checkpoint()`. A diverged trial reports metric = +inf with `diverged = 1` and returns (no retry).
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import tempfile
+from dataclasses import dataclass, field
+
+from p2core.config import TrainingConfig, apply_overrides, config_from_dict
+
+from .report import GROUP_KEY, TrialReport
 
 
-def run_trial(config: dict, base: dict, info: dict) -> None:
+@dataclass
+class TrialInfo:
+    """What every trial of a sweep shares besides its own config (picklable, sent once with tune.with_parameters)."""
+    metric: str
+    rungs: list = field(default_factory=list)
+    cpu: float = 1.0
+    cache_dir: str = ""
+
+
+def trial_config(base: dict, config: dict, info: TrialInfo) -> TrainingConfig:
+    """The validated training config of one trial: the sweep's validated base, the trial's values on top (the
+    group key is bookkeeping, not a config value), the trial's CPUs as torch threads, the shared cache."""
+    overrides = {k: v for k, v in config.items() if k != GROUP_KEY}
+    cfg = config_from_dict(apply_overrides(base, overrides))
+    cfg.train.num_threads = max(1, int(info.cpu))
+    if info.cache_dir:
+        cfg.eval.cache_dir = info.cache_dir
+    cfg.metric = info.metric
+    return cfg
+
+
+def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     import ray
     import torch
     from ray import tune
 
     from p2core.checkpoint import atomic_torch_save
-    from p2core.config import apply_overrides, config_from_dict
     from p2core.errors import Diverged
     from p2core.trainer import Trainer
 
-    overrides = dict(config)
-    data = apply_overrides(base, overrides)
-    data.setdefault("train", {})["num_threads"] = max(1, int(info["cpu"]))
-    data["eval"]["cache_dir"] = info["cache_dir"]
-    cfg = config_from_dict(data)
+    cfg = trial_config(base, config, info)
     torch.set_num_threads(cfg.train.num_threads)
     out_dir = os.path.join(tune.get_context().get_trial_dir(), "p2")
-    metric = info["metric"]
     node_ip = ray.util.get_node_ip_address()  # 127.0.0.1 for the embedded local Ray (tests check it)
-    state = {"last_logged": 0, "last_metric": None, "evals": {}}
     pending_log: list = []
+    last = {"value": None}
 
     class Hooks:
         def on_log(self, trainer, rec):
             pending_log.append({k: v for k, v in rec.items() if k != "kind"})
 
         def on_eval(self, trainer, rec):
-            scores = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("images_seen", "final")}
-            state["evals"].update(scores)
-            if metric in rec:
-                state["last_metric"] = rec[metric]
-            report = {metric: state["last_metric"], "images_seen": trainer.images_seen, "diverged": 0,
-                      "final": int(bool(rec.get("final"))), "train_log": json.dumps(pending_log),
-                      "node_ip": node_ip, **scores}
-            if pending_log:
-                report["loss"] = pending_log[-1]["loss"]
+            evals = {k: v for k, v in rec.items() if k not in ("images_seen", "final", "kind")}
+            if info.metric in rec:
+                last["value"] = rec[info.metric]
+            rep = TrialReport.make(info.metric, last["value"], trainer.images_seen, final=bool(rec.get("final")),
+                                   evals=evals, train_log=list(pending_log), node_ip=node_ip)
             pending_log.clear()
-            # The trainer's state goes straight into the Tune checkpoint (kept num_to_keep deep by Tune); the trial
-            # directory holds no trainer checkpoints that Ray would sync to storage and never prune.
+            # The trainer's state goes straight into the Tune checkpoint (Tune keeps the best by the metric and the
+            # latest); the trial directory holds no trainer checkpoints that Ray would sync and never prune.
             with tempfile.TemporaryDirectory() as d:
                 atomic_torch_save(trainer.state(), os.path.join(d, "trainer.pt"))
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+                tune.report(rep.to_result(), checkpoint=tune.Checkpoint.from_directory(d))
 
     def make_trainer(resume_from=None):
-        return Trainer(cfg, out_dir, hooks=Hooks(), extra_eval_points=info["rungs"], progress=False,
+        return Trainer(cfg, out_dir, hooks=Hooks(), extra_eval_points=info.rungs, progress=False,
                        resume_from=resume_from, own_checkpoints=False)
 
     ck = tune.get_checkpoint()
@@ -68,8 +82,9 @@ def run_trial(config: dict, base: dict, info: dict) -> None:
     try:
         trainer.run()
     except Diverged as e:
-        tune.report({metric: math.inf, "images_seen": e.images_seen, "diverged": 1, "final": 1,
-                     "diverged_reason": str(e), "train_log": json.dumps(pending_log)})
+        rep = TrialReport.make(info.metric, float("inf"), e.images_seen, final=True, diverged=True,
+                               diverged_reason=str(e), train_log=list(pending_log), node_ip=node_ip)
+        tune.report(rep.to_result())
     finally:
         del trainer
         if torch.cuda.is_available():

@@ -56,7 +56,7 @@ def cleanfid_reference(dir_a, dir_b, ext):
 
 @pytest.mark.parametrize("extractor", ["random", "inception"])
 def test_p2sweep_fid_agrees_with_cleanfid_functions(tmp_path, extractor):
-    n = 40 if extractor == "random" else 12  # Inception costs ~0.1 s per image on this CPU
+    n = 40 if extractor == "random" else 8  # Inception costs ~0.1 s per image on this CPU
     da, db = make_folder(tmp_path / "a", n, 0), make_folder(tmp_path / "b", n, 5, size=40)
     try:
         ext = E.get_extractor(extractor)
@@ -91,18 +91,29 @@ def test_inception_network_errors(tmp_path, monkeypatch):
         E.locate_inception(str(tmp_path / "missing.pt"))
 
 
+class Counting(torch.nn.Module):
+    """A feature network that counts the images sent through it (the test's own counter)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.name, self.prefix, self.images = inner, inner.name, inner.prefix, 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.inner(x)
+
+
 def test_reference_stats_cached_once_and_invalidated_by_a_changed_dataset(tmp_path):
-    ext = E.get_extractor("random")
+    ext = Counting(E.get_extractor("random"))
     imgs = np.random.default_rng(0).integers(0, 256, (30, 1, 16, 16), dtype=np.uint8)
     kw = dict(image_size=16, ref_samples=20, cache_dir=str(tmp_path))
-    E.FeatureCounter.images = 0
     r1 = E.reference_stats(imgs, "ds-a", ext, **kw)
-    assert E.FeatureCounter.images == 20 and int(r1["n"]) == 20
+    assert ext.images == 20 and int(r1["n"]) == 20
     r2 = E.reference_stats(imgs, "ds-a", ext, **kw)
-    assert E.FeatureCounter.images == 20  # cache hit: no extraction
+    assert ext.images == 20  # cache hit: no extraction
     assert np.array_equal(r1["mu"], r2["mu"])
     E.reference_stats(imgs, "ds-b", ext, **kw)  # another dataset key
-    assert E.FeatureCounter.images == 40
+    assert ext.images == 40
 
 
 def test_folder_dataset_key_changes_when_content_changes(tmp_path):
@@ -175,3 +186,81 @@ def test_inception_features_are_sane_on_real_images():
     noise = E.extract_features(rng.integers(0, 256, (40, 1, 32, 32), dtype=np.uint8), ext, batch_size=40)
     assert 0.15 < a.mean() < 0.45  # unnormalised input gives ~0.64
     assert abs(E.kid_from_feats(a, b)) < 0.05 < 0.3 < E.kid_from_feats(a, noise)
+
+
+@pytest.fixture
+def no_local_inception(monkeypatch):
+    """Neither $P2SWEEP_INCEPTION(_SHA256) nor fid-helper's file: only the download path is left."""
+    monkeypatch.delenv("P2SWEEP_INCEPTION", raising=False)
+    monkeypatch.delenv("P2SWEEP_INCEPTION_SHA256", raising=False)
+    monkeypatch.setattr(E, "find_fid_helper_file", lambda: None)
+
+
+def fake_download(monkeypatch, content: bytes):
+    """Replace the network: record each (url, dest) and write `content` to dest."""
+    calls = []
+
+    def download(url, dest):
+        calls.append((url, dest, oct(os.stat(os.path.dirname(dest)).st_mode & 0o777)))
+        with open(dest, "wb") as f:
+            f.write(content)
+
+    monkeypatch.setattr(E, "download_file", download)
+    return calls
+
+
+def test_downloaded_inception_with_the_wrong_sha256_is_refused_and_not_loaded(tmp_path, monkeypatch,
+                                                                               no_local_inception):
+    import hashlib
+
+    calls = fake_download(monkeypatch, b"not NVIDIA's network")
+    loaded = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loaded.append(a) or torch.nn.Identity())
+    good = hashlib.sha256(b"NVIDIA's network").hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as e:
+        E.get_extractor("inception", allow_download=True, inception_sha256=good, cache_dir=str(cache))
+    assert "\n" not in str(e.value) and good in str(e.value) and "eval.inception_sha256" in str(e.value)
+    assert len(calls) == 1 and calls[0][0] == E.INCEPTION_URL and not loaded
+    assert not os.path.exists(calls[0][1])  # the private download directory is gone
+    assert not [f for _, _, fs in os.walk(cache) for f in fs if f.endswith(".pt")]  # nothing reached the cache
+    # without a hash to check against, nothing is downloaded at all
+    with pytest.raises(UserError, match=r"^eval.inception_sha256: required with eval.allow_download"):
+        E.locate_inception("", allow_download=True, cache_dir=str(cache))
+    monkeypatch.setenv("P2SWEEP_INCEPTION_SHA256", "abc")
+    with pytest.raises(UserError, match=r"^\$P2SWEEP_INCEPTION_SHA256: expected 64 hex digits"):
+        E.locate_inception("", allow_download=True, cache_dir=str(cache))
+    assert len(calls) == 1 and not loaded
+    with pytest.raises(UserError, match="eval.inception_sha256: expected 64 hex digits"):
+        tiny_cfg(eval={"inception_sha256": "xyz"})
+
+
+def test_download_never_uses_a_file_planted_at_cleanfids_tmp_path(tmp_path, monkeypatch, no_local_inception):
+    import hashlib
+
+    import cleanfid.downloads_helper as dh
+
+    # clean-fid returns a file that already sits at its fixed path (/tmp/inception-2015-12-05.pt) unchecked
+    planted = tmp_path / "tmp" / E.INCEPTION_FILE
+    planted.parent.mkdir()
+    planted.write_bytes(b"planted by another user")
+    monkeypatch.setattr(dh, "check_download_url", lambda local_folder, url: str(planted))
+    monkeypatch.setattr(dh, "check_download_inception", lambda fpath="./": str(planted))
+    content = b"NVIDIA's network"
+    sha = hashlib.sha256(content).hexdigest()
+    calls = fake_download(monkeypatch, content)
+    cache = tmp_path / "cache"
+    path, kind = E.locate_inception("", allow_download=True, expected_sha256=sha, cache_dir=str(cache))
+    assert kind == "nvidia" and path == os.path.join(str(cache), "inception", E.INCEPTION_FILE)
+    assert open(path, "rb").read() == content and planted.read_bytes() == b"planted by another user"
+    (url, dest, mode), = calls
+    assert url == E.INCEPTION_URL and mode == "0o700"  # downloaded into a private mkdtemp directory
+    assert dest != os.path.join("/tmp", E.INCEPTION_FILE) and not os.path.exists(os.path.dirname(dest))
+    # a later run finds it in the cache (no download) and checks its hash again (here from the environment)
+    monkeypatch.setenv("P2SWEEP_INCEPTION_SHA256", sha)
+    assert E.locate_inception("", allow_download=True, cache_dir=str(cache)) == (path, "nvidia")
+    assert len(calls) == 1
+    with open(path, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(UserError, match="cached Inception file has sha256"):
+        E.locate_inception("", allow_download=True, expected_sha256=sha, cache_dir=str(cache))

@@ -289,3 +289,23 @@ def test_sample_loop_shape_and_range():
     out = d.sample_loop(ConstModel(torch.zeros(1, 1, 4, 4)), (2, 1, 4, 4), ddim=True,
                         generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 1, 4, 4) and torch.isfinite(out).all()
+
+
+def test_diffusion_from_config_matches_create_diffusion_and_specs():
+    from p2core.config import DiffusionConfig
+    from p2core.diffusion import diffusion_from_config
+    from p2core.sampling import diffusion_for_spec
+
+    cfg = DiffusionConfig(diffusion_steps=200, noise_schedule="cosine", learn_sigma=True, sigma_small=False,
+                          rescale_learned_sigmas=True, timestep_respacing="50", weighting="p2", p2_gamma=0.5, p2_k=2.0)
+    d = diffusion_from_config(cfg)
+    ref = create_diffusion(steps=200, noise_schedule="cosine", learn_sigma=True, rescale_learned_sigmas=True,
+                           timestep_respacing="50", p2_gamma=0.5, p2_k=2.0)
+    assert d.num_timesteps == 50 and np.array_equal(d.betas, ref.betas)
+    assert np.array_equal(d.timestep_map, ref.timestep_map) and np.array_equal(d.loss_weight, ref.loss_weight)
+    assert d.learn_sigma and d.rescale_learned_sigmas and d.original_num_steps == 200
+    assert diffusion_from_config(cfg, "").num_timesteps == 200  # "" = every step, not the config's respacing
+    dd = diffusion_from_config(cfg, "ddim10")
+    assert dd.num_timesteps == 10 and np.array_equal(dd.betas, diffusion_for_spec(cfg, "ddim10").betas)
+    ms = diffusion_from_config(DiffusionConfig(weighting="min_snr", min_snr_gamma=3.0))
+    assert np.allclose(ms.loss_weight, create_diffusion(weighting="min_snr", min_snr_gamma=3.0).loss_weight)

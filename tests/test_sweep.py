@@ -1,4 +1,6 @@
-"""End-to-end sweeps on a local Ray (loopback, usage stats off) around the real p2core trainer."""
+"""End-to-end sweeps on a local Ray (loopback, usage stats off) around the real p2core trainer. Faults are injected
+from the test side (tests/faults.py), never by production code."""
+import glob
 import json
 import os
 import signal
@@ -11,8 +13,10 @@ import yaml
 
 from test_config_cli import ROOT
 
-ENV = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
-           RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TQDM_DISABLE="1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), RAY_USAGE_STATS_ENABLED="0",
+           MLFLOW_DISABLE_TELEMETRY="true", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TQDM_DISABLE="1")
+M = "rkid32_ddim5"
 
 
 def sweep_file(tmp, name, **changes):
@@ -27,9 +31,59 @@ def sweep_file(tmp, name, **changes):
     return p
 
 
-def cli(*args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, timeout=timeout)
+def cli(*args, timeout=400, faults=None, env=None, session=False):
+    """The p2sweep CLI in a subprocess, through tests/faults.py when faults are given."""
+    e = dict(ENV, **(env or {}))
+    if faults is not None:
+        e["P2SWEEP_FAULTS"] = json.dumps(faults)
+        cmd = [sys.executable, os.path.join(HERE, "faults.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "sweeps.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=e, timeout=timeout,
+                          start_new_session=session)
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """One local Ray for the in-process sweeps of this module (each `p2sweep` subprocess would pay Python imports,
+    a Ray start and a stop: most of a smoke sweep's time). Started through p2sweep's own local start-up, with the
+    test-side fault hook in every worker; faults come from a file each test rewrites."""
+    import ray
+
+    import faults
+    from sweeps import ray_env
+
+    ffile = str(tmp_path_factory.mktemp("faults") / "faults.json")
+    with open(ffile, "w") as f:
+        f.write("{}")
+    saved = {k: os.environ.get(k) for k in ("P2SWEEP_FAULTS_FILE", "PYTHONPATH")}
+    os.environ.update(P2SWEEP_FAULTS_FILE=ffile, PYTHONPATH=ENV["PYTHONPATH"])
+    real = ray.init
+    ray.init = faults.with_worker_faults(real)
+    try:
+        ray_env.init_ray(None)
+    finally:
+        ray.init = real
+    yield ffile
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def sweep(ray_session, *args, faults=None):
+    """`p2sweep ARGS` in this process, on the module's Ray session; returns the exit status."""
+    from sweeps.cli import main
+
+    with open(ray_session, "w") as f:
+        json.dump(faults or {}, f)
+    try:
+        return main(list(args))
+    finally:
+        with open(ray_session, "w") as f:
+            f.write("{}")
 
 
 def mlflow_runs(storage, name):
@@ -40,10 +94,17 @@ def mlflow_runs(storage, name):
     return c, c.search_runs([exp.experiment_id], max_results=1000)
 
 
+def trials_of(storage, name):
+    from sweeps.results import load_trials
+
+    return load_trials(os.path.join(storage, name), M)
+
+
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory):
-    """4 trials, run one at a time so that ASHA's decision is deterministic: lr 1e-3 (good) then 0.3 (a bad arm: samples far off at the first rung),
-    each with and without a NaN injected at 200 images; every trial also crashes once at 200 images."""
+def faulty(tmp_path_factory, ray_session):
+    """3 configurations x 2 seeds, two at a time so ASHA's order is fixed: lr 1e-3 (good), 0.3 (a bad arm that ASHA
+    stops at the first rung), 2e-3 whose seed 1 diverges (NaN loss) before the first rung; every trial that passes
+    200 images crashes there once and is retried from its 128-image checkpoint. Two baseline rows."""
     import torch
 
     from p2core.config import config_from_dict
@@ -51,84 +112,91 @@ def faulty(tmp_path_factory):
 
     tmp = str(tmp_path_factory.mktemp("sweep"))
     base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
-    # two baseline rows: a p2sweep checkpoint and a bare (official-style) EMA state_dict of the same network
     bcfg = config_from_dict({**base, "train": {**base["train"], "total_images": 64},
                              "eval": {**base["eval"], "enabled": False}})
     Trainer(bcfg, os.path.join(tmp, "pre"), progress=False).run()
     ck = os.path.join(tmp, "pre", "checkpoints", "ckpt_000000000064.pt")
     torch.save(torch.load(ck, weights_only=True)["ema"], os.path.join(tmp, "ema_0.9999_000064.pt"))
-    base["train"]["inject_crash_at_images"] = 200
-    p = sweep_file(tmp, "faulty", base=base,
-                   space={"train.lr": {"grid": [1.0e-3, 0.3]}, "train.inject_nan_at_images": {"grid": [0, 200]}},
-                   search={"algorithm": "grid", "max_concurrent": 1},
+    base["train"]["total_images"] = 256  # rungs at 128 and 256 (reduction factor 2)
+    p = sweep_file(tmp, "faulty", base=base, space={"train.lr": {"grid": [1.0e-3, 0.3, 2.0e-3]}}, seeds=[0, 1],
+                   scheduler={"type": "asha", "grace_period_images": 128, "reduction_factor": 2},
+                   search={"algorithm": "grid", "max_concurrent": 2},
                    baselines=[{"name": "ours64", "checkpoint": ck},
                               {"name": "official_style", "checkpoint": "ema_0.9999_000064.pt"}])
     storage = os.path.join(tmp, "store")
+    faults = {"crash_at": 200, "nan_at": 100, "nan_when": {"train.lr": 2.0e-3, "train.seed": 1}}
     t0 = time.perf_counter()
-    r = cli("run", p, "--storage", storage)
-    return {"r": r, "storage": storage, "seconds": time.perf_counter() - t0}
+    rc = sweep(ray_session, "run", p, "--storage", storage, faults=faults)
+    return {"rc": rc, "storage": storage, "seconds": time.perf_counter() - t0, "tmp": tmp}
 
 
-def trials_by_config(storage, name):
-    from sweeps.results import load_trials
-
-    d = os.path.join(storage, name)
-    return {(t["config"]["train.lr"], t["config"]["train.inject_nan_at_images"]): t
-            for t in load_trials(d, "rkid32_ddim5", 384)}
+def by_config(trials):
+    return {(t.config["train.lr"], t.seed): t for t in trials}
 
 
-def test_sweep_runs_real_trainer_with_retry_divergence_and_asha(faulty):
-    r = faulty["r"]
-    assert r.returncode == 0, r.stderr[-3000:]
-    t = trials_by_config(faulty["storage"], "faulty")
-    assert len(t) == 4
-    good = t[(1e-3, 0)]
-    assert good["state"] == "TERMINATED" and good["images_seen"] == 384  # crashed at 200, retried from 128
-    assert os.path.exists(os.path.join(good["dir"], "p2", ".injected_crash"))
-    # checkpoints live only in Tune's checkpoint_* folders (2 kept), not as trainer files synced to storage
-    import glob
+def test_sweep_runs_replicates_with_retry_divergence_and_group_asha(faulty):
+    assert faulty["rc"] == 0
+    t = by_config(trials_of(faulty["storage"], "faulty"))
+    assert len(t) == 6
+    for seed in (0, 1):
+        good = t[(1e-3, seed)]
+        assert good.state == "TERMINATED" and good.images_seen == 256  # crashed at 200, retried from 128
+        assert os.path.exists(os.path.join(good.dir, "p2", ".injected_crash"))
+    # the replicates of a configuration are the same configuration with their own seed
+    assert t[(1e-3, 0)].group == t[(1e-3, 1)].group != t[(0.3, 0)].group == t[(0.3, 1)].group
+    # ASHA judges the configuration on the mean over its seeds when the last seed reaches the rung: that seed is
+    # stopped there; a seed that got there first trained on until its next report
+    bad = [t[(0.3, 0)], t[(0.3, 1)]]
+    assert any(x.state == "STOPPED" and x.images_seen == 128 for x in bad)
+    assert t[(2e-3, 1)].state == "DIVERGED" and t[(2e-3, 1)].latest == float("inf")
+    from sweeps.results import group_rows
 
-    assert not glob.glob(os.path.join(good["dir"], "p2", "checkpoints", "*.pt"))
-    assert len(glob.glob(os.path.join(good["dir"], "checkpoint_*"))) == 2
-    div = t[(1e-3, 200)]
-    assert div["state"] == "DIVERGED" and div["latest"] == float("inf")
-    assert t[(0.3, 0)]["state"] == "STOPPED" and t[(0.3, 0)]["images_seen"] == 128  # ASHA stop at the first rung
+    rows = group_rows(list(t.values()), M, 256, 2)
+    assert all(r.group == t[(1e-3, 0)].group for r in rows if r.complete) and rows[0].complete
+    assert not any(r.complete for r in rows if r.group in (bad[0].group, t[(2e-3, 0)].group))
     # every (trial, steps) pair of a full-length trial is in the results
-    assert {"rkid32_ddim5", "rkid32_ddim10", "rfid32_ddim5", "rfid32_ddim10"} <= set(good["evals"])
+    assert {"rkid32_ddim5", "rkid32_ddim10", "rfid32_ddim5", "rfid32_ddim10"} <= set(t[(1e-3, 0)].points[256])
+    # checkpoints: the best by the sweep metric and the latest are kept (Tune's checkpoint folders only)
+    good = t[(1e-3, 0)]
+    assert not glob.glob(os.path.join(good.dir, "p2", "checkpoints", "*.pt"))
+    rows = [json.loads(x) for x in open(os.path.join(good.dir, "result.json"))]
+    best = min(rows, key=lambda x: x["ckpt_score"])
+    kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(good.dir, "checkpoint_*")))
+    assert best["checkpoint_dir_name"] in kept and rows[-1]["checkpoint_dir_name"] in kept and len(kept) <= 2
     # the embedded Ray stays on loopback
-    from sweeps.results import _read_results
-
-    assert {x["node_ip"] for x in _read_results(os.path.join(good["dir"], "result.json"))} == {"127.0.0.1"}
+    assert {x["node_ip"] for x in rows} == {"127.0.0.1"}
 
 
-def test_mlflow_one_run_per_trial_with_states(faulty):
+def test_mlflow_one_run_per_replicate_with_states(faulty):
     c, runs = mlflow_runs(faulty["storage"], "faulty")
     parents = [x for x in runs if x.data.tags.get("p2sweep.role") == "sweep"]
     kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
-    assert len(parents) == 1 and len(kids) == 4
-    assert len({x.data.tags["p2sweep.trial_id"] for x in kids}) == 4
+    assert len(parents) == 1 and len(kids) == 6
+    assert len({x.data.tags["p2sweep.replicate"] for x in kids}) == 6
     assert all(x.info.status != "RUNNING" for x in runs)
-    by = {(float(x.data.params["train.lr"]), int(x.data.params["train.inject_nan_at_images"])): x for x in kids}
-    assert by[(1e-3, 200)].info.status == "FAILED" and "diverged" in by[(1e-3, 200)].data.tags["p2sweep.failure"]
-    assert by[(0.3, 0)].info.status == "FINISHED" and by[(0.3, 0)].data.tags["p2sweep.stopped_at_rung"] == "128"
+    by = {(float(x.data.params["train.lr"]), int(x.data.params["train.seed"])): x for x in kids}
+    assert by[(2e-3, 1)].info.status == "FAILED" and "diverged" in by[(2e-3, 1)].data.tags["p2sweep.failure"]
+    stopped = [by[(0.3, s)] for s in (0, 1) if by[(0.3, s)].data.tags.get("p2sweep.stopped_at_rung")]
+    assert stopped and all(x.info.status == "FINISHED" and x.data.tags["p2sweep.stopped_at_rung"] == "128"
+                           for x in stopped)
     good = by[(1e-3, 0)]
     assert good.info.status == "FINISHED" and "rkid32_ddim10" in good.data.metrics
     assert good.data.params["diffusion.p2_gamma"] == "0.0" and good.data.params["model.num_channels"] == "32"
     hist = c.get_metric_history(good.info.run_id, "loss_cleanup")
-    assert len(hist) >= 5 and max(m.step for m in hist) == 384
+    assert len(hist) >= 4 and max(m.step for m in hist) == 256
     arts = {a.path for a in c.list_artifacts(good.info.run_id)}
-    assert {"trial_config.yaml", "weight_vs_snr.png", "samples", "loss.png"} <= arts
+    assert {"trial_config.yaml", "weight_vs_snr.png", "samples", "loss.png", "metrics.jsonl"} <= arts
     base = [x for x in runs if x.data.tags.get("p2sweep.role") == "baseline"]
     assert sorted(x.data.tags["p2sweep.baseline"] for x in base) == ["official_style", "ours64"]
-    assert all("rkid32_ddim10" in x.data.metrics and x.info.status == "FINISHED" for x in base)
-    # same weights -> same numbers, whether they came as a p2sweep checkpoint or a bare state_dict
     assert base[0].data.metrics["rkid32_ddim5"] == pytest.approx(base[1].data.metrics["rkid32_ddim5"])
     p = parents[0]
-    assert {"version.torch", "version.ray", "version.mlflow", "git_commit"} <= set(p.data.params)
+    assert {"version.torch", "version.ray", "version.mlflow", "git_commit", "sweep.id"} <= set(p.data.params)
     assert {"results.csv", "sweep.yaml", "metric_vs_images.png"} <= {a.path for a in c.list_artifacts(p.info.run_id)}
+    exp = c.get_experiment_by_name("faulty")
+    assert exp.artifact_location.startswith(os.path.join(faulty["storage"], "mlartifacts"))
 
 
-def test_status_best_export_and_train_the_export(faulty, tmp_path):
+def test_status_best_export_checkpoint_and_compare(faulty, tmp_path):
     st = faulty["storage"]
     r = cli("status", "faulty", "--storage", st)
     assert r.returncode == 0 and "DIVERGED" in r.stdout and "STOPPED" in r.stdout
@@ -136,9 +204,14 @@ def test_status_best_export_and_train_the_export(faulty, tmp_path):
     out = tmp_path / "best.yaml"
     r = cli("best", "faulty", "--storage", st, "--export", str(out))
     assert r.returncode == 0, r.stderr
+    assert "(lost seeds)" in r.stdout  # lr 2e-3 lost its diverged seed
     text = out.read_text()
     assert text.startswith("# Best configuration of sweep 'faulty'") and "lr: 0.001" in text
-    assert "ddim" in yaml.safe_load(text)["eval"]["sampling_steps"][0]
+    exported = yaml.safe_load(text)
+    assert "ddim" in exported["eval"]["sampling_steps"][0] and exported["train"]["seed"] in (0, 1)
+    ck = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("checkpoint: "))
+    r = cli("sample", ck, "--num-samples", "4", "--steps", "ddim5", "--out", str(tmp_path / "g.png"))
+    assert r.returncode == 0 and (tmp_path / "g.png").exists(), r.stderr
     r = cli("train", str(out), "--dry-run")
     assert r.returncode == 0, r.stderr
     r = cli("compare", "faulty", "--storage", st, "--plot", str(tmp_path / "c.png"))
@@ -167,123 +240,146 @@ def test_bad_sweep_files_exit_2_naming_the_key(tmp_path, change, needle):
 
 
 def test_dry_run_prints_trials_rungs_and_work(tmp_path):
-    r = cli("run", os.path.join(ROOT, "search_spaces", "smoke.yaml"), "--dry-run", "--storage", str(tmp_path))
+    r = cli("run", os.path.join(ROOT, "search_spaces", "smoke.yaml"), "--dry-run", "--storage", str(tmp_path),
+            "--cpus", "2")
     assert r.returncode == 0
-    assert "ASHA rungs (images): [128, 384]" in r.stdout and "trials: 4" in r.stdout
+    assert "ASHA rungs (images): [128, 384]" in r.stdout and "trials: 4" in r.stdout and "cpu 2" in r.stdout
     assert not os.path.exists(tmp_path / "smoke")
+    r = cli("run", os.path.join(ROOT, "search_spaces", "smoke.yaml"), "--dry-run", "--gpus", "2")
+    assert r.returncode == 2 and "resources.gpu" in r.stderr
 
 
-def run_then_kill(sweep, storage, d):
-    """Start `p2sweep run` in its own session, wait for a first reported checkpoint, then SIGKILL the driver and
-    every process of its session (the local Ray included), as a crashed machine would."""
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", sweep, "--storage", storage], cwd=ROOT,
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if any(os.path.getsize(os.path.join(d, t, "result.json")) > 0
-                   for t in (os.listdir(d) if os.path.isdir(d) else [])
-                   if os.path.exists(os.path.join(d, t, "result.json"))):
-                break
-            time.sleep(0.5)
-        time.sleep(1.0)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+# -- case 6: a run that fails before it can start leaves nothing behind ----------------------------------------------
+
+def _nothing_written(storage, name):
+    assert not os.path.exists(os.path.join(storage, name))
+    if os.path.exists(os.path.join(storage, "mlflow.db")):
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(f"sqlite:///{storage}/mlflow.db")
+        exp = c.get_experiment_by_name(name)
+        assert exp is None or not c.search_runs([exp.experiment_id])  # deleted runs are not listed
 
 
-def kill_then_resume(tmp_path, name, total_images, **changes):
-    """A smoke-based sweep without ASHA: run, SIGKILL mid-way, `p2sweep resume`; returns (storage, experiment dir)."""
-    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
-    base["train"]["total_images"] = total_images
-    p = sweep_file(str(tmp_path), name, base=base, scheduler={"type": "none"}, **changes)
+def test_failed_starts_leave_nothing_behind(tmp_path, ray_session, monkeypatch):
     storage = str(tmp_path / "store")
-    d = os.path.join(storage, name)
-    run_then_kill(p, storage, d)
-    r = cli("resume", name, "--storage", storage)
+    p = sweep_file(str(tmp_path), "fs", tracking={"optuna_storage": "sqlite:////nonexistent/dir/o.db"},
+                   search={"algorithm": "optuna", "num_samples": 2}, space={"diffusion.p2_gamma": {"choice": [0.0]}})
+    r = cli("run", p, "--storage", storage)
+    assert r.returncode == 2 and "tracking.optuna_storage" in r.stderr and "Traceback" not in r.stderr
+    _nothing_written(storage, "fs")
+    p = sweep_file(str(tmp_path), "fs")
+    r = cli("run", p, "--storage", storage, "--address", "127.0.0.1:1")
+    assert r.returncode == 2 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
+    _nothing_written(storage, "fs")
+    # Ctrl-C while the driver evaluates baselines (the MLflow parent run exists by then)
+    from sweeps import baselines
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(baselines, "evaluate", interrupted)
+    p = sweep_file(str(tmp_path), "fs", baselines=[{"name": "b", "checkpoint": p}])
+    assert sweep(ray_session, "run", p, "--storage", storage) == 130
+    _nothing_written(storage, "fs")
+
+
+# -- cases 7 and 1 (Optuna with seeds and ASHA): SIGKILL right after a tell, twice, then resume to the end ----------
+
+def test_optuna_resume_after_kills_right_after_a_tell(tmp_path):
+    """Optuna, 2 configurations x 2 seeds, ASHA, 2 trials at a time. The driver's whole session (its local Ray
+    included) is SIGKILLed right after Optuna was told a configuration's result, with Tune's periodic state save
+    pushed out (so Tune's saved state is older than Optuna's); twice. Then resume to the end: one Optuna trial per
+    configuration, told once, nothing RUNNING in Optuna or MLflow, one MLflow run per (configuration, seed)."""
+    import optuna
+
+    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    base["train"]["total_images"] = 256
+    p = sweep_file(str(tmp_path), "optkill", base=base, space={"diffusion.p2_gamma": {"uniform": [0.0, 2.0]}},
+                   seeds=[0, 1], search={"algorithm": "optuna", "num_samples": 2, "max_concurrent": 2, "seed": 0},
+                   scheduler={"type": "asha", "grace_period_images": 128, "reduction_factor": 2})
+    storage = str(tmp_path / "store")
+    slow_save = {"TUNE_GLOBAL_CHECKPOINT_S": "3600"}
+    r = cli("run", p, "--storage", storage, faults={"kill_after_tell": True}, env=slow_save, session=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    from sweeps.meta import load_meta
+
+    meta = load_meta("optkill", storage)
+    study = optuna.load_study(study_name=meta.study_name, storage=f"sqlite:///{storage}/optuna.db")
+    told = [t.state for t in study.get_trials() if t.state != optuna.trial.TrialState.RUNNING]
+    assert len(told) == 1  # killed mid-sweep, right after the first tell
+    r = cli("resume", "optkill", "--storage", storage, faults={"kill_after_tell": True}, env=slow_save,
+            session=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    r = cli("resume", "optkill", "--storage", storage)
     assert r.returncode == 0, r.stderr[-3000:]
-    return storage, d
-
-
-def test_resume_after_killing_the_driver(tmp_path):
-    storage, d = kill_then_resume(tmp_path, "killme", 1152, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}})
-    from sweeps.results import _read_results, load_trials
-
-    trials = load_trials(d, "rkid32_ddim5", 1152)
-    assert len(trials) == 2 and all(t["state"] == "TERMINATED" and t["images_seen"] == 1152 for t in trials)
-    for t in trials:  # nothing trained twice: reported image counts strictly increase
-        seen = [x["images_seen"] for x in _read_results(os.path.join(t["dir"], "result.json"))]
-        assert seen == sorted(set(seen))
-    c, runs = mlflow_runs(storage, "killme")
+    trials = trials_of(storage, "optkill")
+    assert len(trials) == 4 and all(t.state in ("TERMINATED", "STOPPED") for t in trials)
+    groups = {}
+    for t in trials:
+        groups.setdefault(t.group, []).append(t)
+    assert sorted(groups) == [0, 1] and all(sorted(x.seed for x in g) == [0, 1] for g in groups.values())
+    assert all(g[0].params == g[1].params for g in groups.values())  # the replicates share the values
+    ot = study.get_trials()
+    assert len(ot) == 2  # one Optuna trial per configuration, none asked twice across the kills
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in ot]
+    for g in groups.values():
+        o = next(x for x in ot if x.params["diffusion.p2_gamma"] == pytest.approx(g[0].params["diffusion.p2_gamma"]))
+        full = all(x.state == "TERMINATED" for x in g)
+        assert o.state == (optuna.trial.TrialState.COMPLETE if full else optuna.trial.TrialState.PRUNED)
+    c, runs = mlflow_runs(storage, "optkill")
     kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
-    assert len(kids) == 2 and all(x.info.status == "FINISHED" for x in runs)
+    assert len(kids) == 4 and not [x for x in runs if x.info.status == "RUNNING"]
+    assert len({x.data.tags["p2sweep.replicate"] for x in kids}) == 4
     assert len([x for x in runs if x.data.tags.get("p2sweep.role") == "sweep"]) == 1
 
 
-def test_optuna_search_with_asha_persists_study_and_prunes_early_stops(tmp_path):
-    import optuna
+# -- case 9 (and 12): errored trials stay errored unless asked ---------------------------------------------------------
 
-    p = sweep_file(str(tmp_path), "opt", space={"diffusion.p2_gamma": {"uniform": [0.0, 2.0]},
-                                               "train.lr": {"choice": [1.0e-3, 0.3]}},
-                   search={"algorithm": "optuna", "num_samples": 4, "max_concurrent": 1, "seed": 0})
+def test_errored_trials_are_retried_only_with_retry_errored(tmp_path, ray_session, capsys):
+    p = sweep_file(str(tmp_path), "err", space={"diffusion.p2_gamma": {"grid": [0.0]}}, max_failures=0,
+                   scheduler={"type": "none"})
     storage = str(tmp_path / "store")
-    r = cli("run", p, "--storage", storage)
-    assert r.returncode == 0, r.stderr[-3000:]
-    study = optuna.load_study(study_name="opt", storage=f"sqlite:///{storage}/optuna.db")
-    trials = study.get_trials(deepcopy=False)
-    assert len(trials) == 4
-    from sweeps.results import load_trials
+    crash = {"crash_at": 100, "crash_always": True}
+    assert sweep(ray_session, "run", p, "--storage", storage, "--name", "err.v2", faults=crash) == 0
+    from sweeps.results import known_states
 
-    ray_trials = load_trials(os.path.join(storage, "opt"), "rkid32_ddim5", 384)
-    stopped = sum(t["state"] == "STOPPED" for t in ray_trials)
-    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
-    assert pruned == stopped  # ASHA's early stops reach Optuna as PRUNED, not as COMPLETE partial values
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4 - stopped
-
-
-def test_optuna_resume_after_kill_neither_loses_nor_duplicates_trials(tmp_path):
-    import optuna
-
-    storage, d = kill_then_resume(tmp_path, "optkill", 768, space={"diffusion.p2_gamma": {"uniform": [0.0, 2.0]}},
-                                  search={"algorithm": "optuna", "num_samples": 3, "max_concurrent": 2, "seed": 0})
-    from sweeps.results import load_trials
-
-    tune_trials = load_trials(d, "rkid32_ddim5", 768)
-    assert len(tune_trials) == 3 and all(t["state"] == "TERMINATED" for t in tune_trials)
-    study = optuna.load_study(study_name="optkill", storage=f"sqlite:///{storage}/optuna.db")
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
-    assert optuna.trial.TrialState.RUNNING not in states
-    gammas = sorted(round(t.params["diffusion.p2_gamma"], 6) for t in study.get_trials(deepcopy=False)
-                    if t.state == optuna.trial.TrialState.COMPLETE)
-    assert gammas == sorted(round(t["config"]["diffusion.p2_gamma"], 6) for t in tune_trials)
+    d = os.path.join(storage, "err.v2")
+    (st,) = known_states(d).values()
+    assert st["state"] == "ERROR"
+    capsys.readouterr()
+    assert sweep(ray_session, "status", "err.v2", "--storage", storage) == 0
+    assert "--retry-errored" in capsys.readouterr().out
+    assert sweep(ray_session, "resume", "err.v2", "--storage", storage, faults=crash) == 0
+    (st2,) = known_states(d).values()
+    assert st2["state"] == "ERROR" and st2["failures"] == st["failures"]  # no new attempt
+    assert sweep(ray_session, "resume", "err.v2", "--storage", storage, "--retry-errored") == 0
+    (st3,) = known_states(d).values()
+    assert st3["state"] == "TERMINATED"
+    c, runs = mlflow_runs(storage, "err.v2")
+    assert len([x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]) == 1
+    assert not [x for x in runs if x.info.status == "RUNNING"]
 
 
-def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path):
+def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, capsys):
     base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
-    base["train"]["total_images"] = 8192  # ~20 s per trial here: the 8 s budget ends the sweep mid-way
-    base["train"]["eval_every_images"] = 2048
+    base["train"]["total_images"] = 1024  # about 15 s per trial here: the 6 s budget ends the sweep mid-way
+    base["train"]["eval_every_images"] = 512
     p = sweep_file(str(tmp_path), "budget", base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
                    scheduler={"type": "none"})
     storage = str(tmp_path / "store")
-    r = cli("run", p, "--storage", storage, "--time-budget", "8s")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "time budget" in r.stderr and "p2sweep resume budget" in r.stdout
+    capsys.readouterr()
+    assert sweep(ray_session, "run", p, "--storage", storage, "--time-budget", "6s") == 0
+    out = capsys.readouterr()
+    assert "time budget" in out.err and "p2sweep resume budget" in out.out
     states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
     assert len(states) == 2 and any(v["state"] in ("RUNNING", "PENDING", "PAUSED") for v in states.values())
     c, runs = mlflow_runs(storage, "budget")
     assert not [x for x in runs if x.info.status == "RUNNING"]
-    r = cli("resume", "budget", "--storage", storage)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert sweep(ray_session, "resume", "budget", "--storage", storage) == 0
     states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
     assert {v["state"] for v in states.values()} == {"TERMINATED"}
     c, runs = mlflow_runs(storage, "budget")
     kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
     assert len(kids) == 2 and all(x.info.status == "FINISHED" for x in runs)
-
-
-def test_mlflow_artifacts_live_in_the_storage(faulty):
-    c, runs = mlflow_runs(faulty["storage"], "faulty")
-    exp = c.get_experiment_by_name("faulty")
-    assert exp.artifact_location.startswith(os.path.join(faulty["storage"], "mlartifacts"))
     assert not os.path.exists(os.path.join(ROOT, "mlruns"))

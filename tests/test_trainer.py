@@ -15,6 +15,37 @@ def losses(path):
     return [(r["images_seen"], r["loss"]) for r in read_jsonl(os.path.join(path, "metrics.jsonl")) if r["kind"] == "train"]
 
 
+def leftover_temp_files(d):
+    """Temp files p2core.atomic leaves when a write dies: mkstemp names `.tmp-XXXXXXXX<ext>`."""
+    return [f for f in os.listdir(d) if f.startswith(".tmp-")]
+
+
+def crash_once_at(monkeypatch, images):
+    """Make the training step that would reach `images` raise once (a killed process, for the resume tests)."""
+    real, state = Trainer.train_step, {"crashed": False}
+
+    def step(self, x):
+        if not state["crashed"] and self.images_seen + x.shape[0] >= images:
+            state["crashed"] = True
+            raise RuntimeError(f"injected crash at {self.images_seen} images")
+        return real(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+def nan_loss_from(monkeypatch, images):
+    """Make the loss NaN from the step that reaches `images` on."""
+    real = Trainer.train_step
+
+    def step(self, x):
+        out = real(self, x)
+        if self.images_seen + x.shape[0] >= images:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
 def test_loss_goes_down_on_tiny_synthetic_set(tmp_path):
     cfg = tiny_cfg(train={"total_images": 512})
     Trainer(cfg, str(tmp_path), progress=False).run()
@@ -53,13 +84,23 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert tr2.images_seen == 64
     # retention: keep_checkpoints = 2
     assert len(ck.list_checkpoints(os.path.join(tmp_path, "checkpoints"))) == 2
-    assert not [f for f in os.listdir(os.path.join(tmp_path, "checkpoints")) if f.endswith(".tmp")]
+    assert not leftover_temp_files(os.path.join(tmp_path, "checkpoints"))
 
 
-def test_resume_gives_the_same_loss_sequence(tmp_path):
+def test_leftover_check_matches_the_atomic_temp_file_names(tmp_path):
+    from p2core.atomic import atomic_write
+
+    seen = []
+    atomic_write(str(tmp_path / "ckpt_1.pt"), lambda f: seen.extend(leftover_temp_files(tmp_path)))
+    assert len(seen) == 1  # the temp file, while it is being written, is what the check looks for
+    assert leftover_temp_files(tmp_path) == [] and os.listdir(tmp_path) == ["ckpt_1.pt"]
+
+
+def test_resume_gives_the_same_loss_sequence(tmp_path, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     Trainer(tiny_cfg(), a, progress=False).run()
-    cfg = tiny_cfg(train={"inject_crash_at_images": 160})
+    cfg = tiny_cfg()
+    crash_once_at(monkeypatch, 160)
     with pytest.raises(RuntimeError, match="injected crash"):
         Trainer(cfg, b, progress=False).run()
     assert ck.latest_checkpoint(os.path.join(b, "checkpoints")).endswith("ckpt_000000000128.pt")
@@ -69,10 +110,10 @@ def test_resume_gives_the_same_loss_sequence(tmp_path):
     assert all(math.isclose(x, y, rel_tol=1e-6) for (_, x), (_, y) in zip(la, lb))
 
 
-def test_divergence_guard_names_the_image_count(tmp_path):
-    cfg = tiny_cfg(train={"inject_nan_at_images": 48})
+def test_divergence_guard_names_the_image_count(tmp_path, monkeypatch):
+    nan_loss_from(monkeypatch, 48)
     with pytest.raises(Diverged) as e:
-        Trainer(cfg, str(tmp_path), progress=False).run()
+        Trainer(tiny_cfg(), str(tmp_path), progress=False).run()
     assert e.value.images_seen == 48 and "48 images" in str(e.value)
 
 
@@ -95,6 +136,22 @@ def test_hooks_and_extra_eval_points(tmp_path):
     Trainer(cfg, str(tmp_path), hooks=Hooks(), extra_eval_points=[48], progress=False).run()
     assert seen["eval"] == [48, 128, 256]
     assert seen["ckpt"] == ["ckpt_000000000128.pt", "ckpt_000000000256.pt"]
+
+
+def test_eval_points_in_one_step_evaluate_once(tmp_path):
+    # an ASHA rung 1 image before the end and the end itself fall inside the last batch: one (final) evaluation
+    calls = []
+
+    class Hooks:
+        def on_eval(self, tr, rec):
+            calls.append((rec["images_seen"], rec["final"]))
+
+    cfg = tiny_cfg(train={"total_images": 32, "batch_size": 16},
+                   eval={"enabled": True, "num_samples": 4, "ref_samples": 8, "cache_dir": str(tmp_path / "cache")})
+    Trainer(cfg, str(tmp_path / "run"), hooks=Hooks(), extra_eval_points=[16, 31], progress=False).run()
+    assert calls == [(16, False), (32, True)]
+    evals = [r for r in read_jsonl(os.path.join(tmp_path, "run", "metrics.jsonl")) if r["kind"] == "eval"]
+    assert [r["images_seen"] for r in evals] == [16, 32]
 
 
 def test_fashion_mnist_missing_is_a_clear_error(tmp_path):
@@ -165,3 +222,88 @@ def test_init_from_p2sweep_and_bare_official_state_dict(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(t2.model.state_dict().values(), src.ema.state_dict().values()))
     with pytest.raises(UserError, match="shape"):
         Trainer(tiny_cfg(model={"num_channels": 64}), str(tmp_path / "c"), progress=False, init_from=str(bare))
+
+
+def test_no_fault_injection_in_the_trainer():
+    from p2core.config import TrainConfig
+
+    assert not {"inject_crash_at_images", "inject_nan_at_images"} & {f for f in vars(TrainConfig())}
+    assert not [n for n in dir(Trainer) if "crash" in n]
+
+
+def test_legacy_fault_injection_keys_are_dropped_only_when_zero(tmp_path):
+    import yaml
+
+    from p2core.config import config_from_dict
+
+    cfg = config_from_dict({"train": {"inject_crash_at_images": 0, "inject_nan_at_images": 0, "lr": 3e-4}})
+    assert cfg.train.lr == 3e-4 and not hasattr(cfg.train, "inject_crash_at_images")
+    with pytest.raises(UserError) as e:
+        config_from_dict({"train": {"inject_nan_at_images": 48}})
+    assert str(e.value) == "train.inject_nan_at_images: unknown config key"
+    # an old checkpoint stores both keys (value 0) in its config_yaml
+    src = Trainer(tiny_cfg(train={"total_images": 16}), str(tmp_path / "src"), progress=False)
+    src.run()
+    obj = torch.load(ck.latest_checkpoint(str(tmp_path / "src" / "checkpoints")), weights_only=True)
+    old = yaml.safe_load(obj["config_yaml"])
+    old["train"].update(inject_crash_at_images=0, inject_nan_at_images=0)
+    obj["config_yaml"] = yaml.safe_dump(old, sort_keys=False)
+    torch.save(obj, tmp_path / "old.pt")
+    model, cfg, which = ck.load_model(str(tmp_path / "old.pt"))
+    assert cfg == src.cfg and which == "ema"
+    old["train"]["inject_crash_at_images"] = 160
+    obj["config_yaml"] = yaml.safe_dump(old, sort_keys=False)
+    torch.save(obj, tmp_path / "old160.pt")
+    with pytest.raises(UserError, match=r"^train.inject_crash_at_images: unknown config key$"):
+        ck.load_model(str(tmp_path / "old160.pt"))
+
+
+def same_weights(model, sd):
+    return set(model.state_dict()) == set(sd) and all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+def test_load_model_from_p2sweep_checkpoint_and_bare_state_dict(tmp_path):
+    import yaml
+
+    src = Trainer(tiny_cfg(train={"total_images": 32}), str(tmp_path / "src"), progress=False)
+    src.run()
+    path = ck.latest_checkpoint(str(tmp_path / "src" / "checkpoints"))
+    model, cfg, which = ck.load_model(path)
+    assert which == "ema" and cfg == src.cfg and same_weights(model, src.ema.model.state_dict())
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    model, _, which = ck.load_model(path, prefer_ema=False)
+    assert which == "model" and same_weights(model, src.model.state_dict())
+    # a config file's sections merge into the checkpoint's key by key, then the dotted overrides
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"eval": {"num_samples": 4}, "metric": ""}))
+    _, cfg, _ = ck.load_model(path, config_file=str(extra), overrides={"diffusion.p2_gamma": 0.5})
+    assert cfg.eval.num_samples == 4 and cfg.eval.sampling_steps == ["ddim5"] and cfg.eval.extractor == "random"
+    assert cfg.diffusion.p2_gamma == 0.5 and cfg.model == src.cfg.model
+    # a given cfg is used as it is
+    _, cfg, _ = ck.load_model(path, tiny_cfg(eval={"num_samples": 2}))
+    assert cfg.eval.num_samples == 2
+    # a bare state_dict stores no config: the model comes from the config file
+    bare = tmp_path / "ema_0.9999_000032.pt"
+    torch.save({"module." + k: v for k, v in src.ema.state_dict().items()}, bare)
+    flags = tmp_path / "flags.yaml"
+    flags.write_text(src.cfg.to_yaml())
+    model, cfg, which = ck.load_model(str(bare), config_file=str(flags))
+    assert which == "state_dict" and cfg == src.cfg and same_weights(model, src.ema.model.state_dict())
+    with pytest.raises(UserError, match=r"ema_0.9999_000032.pt: tensor .* (missing|shape)"):
+        ck.load_model(str(bare))  # default flags build another UNet
+    junk = tmp_path / "junk.pt"
+    torch.save({"step": 3}, junk)
+    with pytest.raises(UserError, match="junk.pt: not a p2sweep checkpoint or a bare state_dict"):
+        ck.load_model(str(junk), src.cfg)
+
+
+def test_trainer_builds_its_diffusion_from_the_config(tmp_path):
+    import numpy as np
+
+    from p2core.diffusion import diffusion_from_config
+
+    cfg = tiny_cfg(diffusion={"timestep_respacing": "20", "noise_schedule": "cosine"})
+    d = Trainer(cfg, str(tmp_path), progress=False).diffusion
+    ref = diffusion_from_config(cfg.diffusion)
+    assert d.num_timesteps == 20 and np.array_equal(d.betas, ref.betas)
+    assert np.array_equal(d.loss_weight, ref.loss_weight) and d.learn_sigma and d.rescale_learned_sigmas

@@ -124,9 +124,23 @@ def test_hand_built_official_state_dict_loads_strictly_and_round_trips():
     m.load_state_dict(convert_official_state_dict(sd), strict=True)
     back = to_official_state_dict(m.state_dict())
     assert all(torch.equal(back[k], sd[k]) for k in sd)
-    # a DataParallel prefix and fp16 tensors are undone
+
+
+def test_fp16_official_state_dict_is_upcast_and_loads_strictly():
+    # official fp16 checkpoints (and DataParallel's `module.` prefix) come out as float32 with the same values
+    sd = official_names_tiny()
     wrapped = {"module." + k: v.half() for k, v in sd.items()}
-    load_weights(tiny_model(), wrapped, "ddp.pt")
+    conv = convert_official_state_dict(wrapped)
+    assert set(conv) == set(sd)
+    for k, v in conv.items():
+        assert v.dtype == torch.float32, k
+        assert torch.equal(v, wrapped["module." + k].float()), k
+    assert all(v.dtype == torch.float16 for v in wrapped.values())  # the input is left alone
+    m = tiny_model()
+    load_weights(m, wrapped, "ddp.pt")
+    got = m.state_dict()
+    assert set(got) == set(sd)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], conv[k]) for k in sd)
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes():

@@ -1,0 +1,95 @@
+"""Where a sweep lives and what it keeps about itself: names, storage paths and `p2sweep.json` (no Ray import).
+
+`<storage>/<name>/p2sweep.json` is written once, when the sweep can start (Ray attached, Optuna storage opened,
+baselines evaluated); a sweep without it does not exist, so a `run` that failed before it can simply be run again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from p2core.errors import UserError
+
+META = "p2sweep.json"
+STATES = "p2sweep_trials.json"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def validate_name(name: str, key: str = "--name") -> str:
+    """One rule for run and resume: letters, digits, `_`, `-`, `.`; no path separators; not `.` or `..`."""
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise UserError(f"{key} {name!r}: a sweep name is letters, digits, '_', '-' and '.' only (no '/', not '.' "
+                        "or '..')")
+    return name
+
+
+def storage_root(storage: str | None) -> str:
+    return storage or os.environ.get("P2SWEEP_STORAGE") or os.path.join(os.path.expanduser("~"), "p2sweep")
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def exp_dir(name: str, storage: str | None) -> str:
+    return os.path.join(storage_root(storage), validate_name(name, "sweep name"))
+
+
+@dataclass
+class Paths:
+    storage: str          # absolute storage root (or a URI)
+    mlflow_uri: str
+    optuna_storage: str
+    cache_dir: str
+
+
+@dataclass
+class SweepMeta:
+    """The sweep's metadata file: everything `resume`, `status`, `best` and `compare` need besides Tune's state."""
+    name: str
+    sweep_id: str         # keys the Optuna study: a reused name never warm-starts from another sweep's trials
+    metric: str
+    max_images: int
+    base: dict            # the validated training config (all defaults filled in)
+    source_yaml: str
+    raw: dict             # the sweep file's mapping after --set
+    paths: Paths
+    parent_run_id: str
+    experiment: str
+    sweep_dir: str = "."
+    address: str | None = None
+    seeds: list = field(default_factory=lambda: [0])
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(self.paths.storage, self.name)
+
+    @property
+    def study_name(self) -> str:
+        return f"{self.name}-{self.sweep_id[:8]}"
+
+    def save(self) -> None:
+        from p2core.atomic import atomic_write_text
+
+        atomic_write_text(os.path.join(self.dir, META), json.dumps(asdict(self), indent=1, default=str))
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+
+def load_meta(name: str, storage: str | None) -> SweepMeta:
+    d = exp_dir(name, storage)
+    p = os.path.join(d, META)
+    if not os.path.isfile(p):
+        raise UserError(f"unknown sweep {name!r} in storage {storage_root(storage)} (no {META} in {d})")
+    with open(p) as f:
+        data = json.load(f)
+    try:
+        data["paths"] = Paths(**data["paths"])
+        return SweepMeta(**data)
+    except (TypeError, KeyError) as e:
+        raise UserError(f"{p}: not a p2sweep metadata file of this version ({e})") from None

@@ -1,0 +1,90 @@
+"""Starting or attaching Ray, and the environment it needs BEFORE `import ray`.
+
+- Local (no --address, no $RAY_ADDRESS): `ray.init(address="local")`, a fresh Ray of our own that never joins a
+  cluster someone started on the machine, with every address on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
+- Attach: when `~/.ray/auth_token` exists, RAY_AUTH_MODE=token (as a local `ray.init()` would); Ray reads it at
+  import time, so `prepare()` runs before anything imports Ray.
+- Always: no Ray usage statistics, no MLflow telemetry.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from p2core.errors import UserError
+
+
+def resolve_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def privacy_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def token_file() -> str:
+    return os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def prepare(address: str | None) -> None:
+    """Set the environment for a local Ray or for attaching to `address`; call before Ray is imported."""
+    privacy_env()
+    if resolve_address(address) is None:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    elif os.path.exists(token_file()) and not os.environ.get("RAY_AUTH_MODE"):
+        if "ray" in sys.modules:  # too late for Ray to see it: say so instead of failing with InvalidAuthToken
+            raise UserError("internal: Ray was imported before RAY_AUTH_MODE could be set; export RAY_AUTH_MODE=token")
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def init_ray(address: str | None) -> None:
+    prepare(address)
+    address = resolve_address(address)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", configure_logging=True)
+        return
+    probe(address)
+    try:
+        ray.init(address=address, logging_level="WARNING")
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        hint = ""
+        if "auth" in msg.lower() or "token" in msg.lower():
+            hint = (" (the cluster uses token authentication: copy its ~/.ray/auth_token to this machine; p2sweep "
+                    "then sets RAY_AUTH_MODE=token)")
+        raise UserError(f"--address {address}: cannot attach to the Ray cluster: {msg}{hint}") from None
+
+
+def probe(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when nothing listens at the address (ray.init would retry a dead address for many minutes).
+    `auto` is the address `ray start` recorded on this machine."""
+    import socket
+
+    if address == "auto":
+        recorded = "/tmp/ray/ray_current_cluster"
+        if not os.path.exists(recorded):
+            raise UserError("--address auto: no Ray cluster was started on this machine (`ray start --head`); "
+                            "give HOST:PORT of the head node")
+        with open(recorded) as f:
+            address = f.read().strip()
+    if address.startswith("ray://"):
+        return  # Ray Client: its own connection errors are quick
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--address {address}: no Ray head answers there ({e.__class__.__name__}: {e}); is "
+                        "`ray start --head` running, and is this the GCS port (default 6379)?") from None
+
+
+def shutdown() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

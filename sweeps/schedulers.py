@@ -1,0 +1,428 @@
+"""The sweep's scheduler and searcher for Ray Tune, built for replicate seeds. The one module that knows how Tune
+drives schedulers/searchers and how an Optuna trial is reopened by id; tested without a Ray session.
+
+Replicates: every configuration runs once per seed (`seeds:`), all seeds with the same values, whatever the search
+(grid, random, Optuna). A configuration is a *group*; its trials carry `p2sweep_group` in their config.
+
+- `GroupSearcher` hands out each configuration once per seed. Grid and random draws are a pure function of
+  (search.seed, group index), so a sweep is reproducible and a trial lost in a driver crash comes back with the same
+  values. With Optuna it asks the study once per group and tells it once per group: COMPLETE with the mean over
+  seeds only if every seed reached the end, PRUNED (with the mean at each rung as intermediate values) if any seed
+  was stopped early, FAIL if a seed raised. Telling is idempotent (a resumed trial may finish twice), and Optuna
+  trials asked after Tune's last state save are adopted again on resume instead of being left RUNNING.
+- `GroupASHA` is ASHA (Li et al. 2020, Ray's `_Bracket` rule) on groups: at each rung the group's value is the mean
+  over its seeds (a seed that diverged or raised counts as +inf), and the group continues if that mean is within the
+  best 1/reduction_factor of the group means recorded at that rung before it. The decision is made when the last
+  seed reaches the rung; seeds that got there first train on meanwhile and are stopped at their next report if the
+  group is stopped. Ray does not save scheduler state: the rung records are rebuilt from the trials' results.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+import warnings
+
+import numpy as np
+import ray
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from p2core.errors import UserError
+
+from .report import GROUP_KEY, TrialReport, finite_or_inf
+
+TESTED_RAY = ("2.60.",)
+TESTED_OPTUNA = ("5.0.",)
+_BIG = 1e300  # stands for +inf inside percentiles (np.percentile turns inf into nan when it interpolates)
+
+
+def check_versions() -> None:
+    """Warn when Ray or Optuna differ from the versions whose scheduler/searcher protocol this module was tested on."""
+    import optuna
+
+    for name, have, tested in (("ray", ray.__version__, TESTED_RAY), ("optuna", optuna.__version__, TESTED_OPTUNA)):
+        if not have.startswith(tested):
+            warnings.warn(f"p2sweep's scheduler/searcher were tested with {name} {tested[0]}x, found {have}",
+                          stacklevel=2)
+
+
+def group_of(trial_or_config) -> int:
+    cfg = getattr(trial_or_config, "config", trial_or_config)
+    return int(cfg.get(GROUP_KEY, -1))
+
+
+# -- the scheduler -----------------------------------------------------------------------------------------------
+
+class GroupASHA(FIFOScheduler):
+    """ASHA over groups of seeds. `milestones`: rungs in images below max_images; `history`: a picklable callable
+    returning [(trial_id, group, images_seen, value, ended)] in report order (to rebuild the rungs on resume;
+    `ended`: the seed diverged or raised; images_seen None when the row only says so)."""
+
+    def __init__(self, metric: str, milestones, reduction_factor: float, seeds_per_group: int,
+                 time_attr: str = "images_seen", history=None):
+        super().__init__()
+        self._metric, self._mode = metric, "min"
+        self.milestones = sorted(int(m) for m in milestones)
+        self.rf = float(reduction_factor)
+        self.n_seeds = int(seeds_per_group)
+        self.time_attr = time_attr
+        self.history = history
+        self._clear()
+
+    def _clear(self):
+        self.rung_means: dict = {m: {} for m in self.milestones}  # milestone -> {group: mean}, in decision order
+        self.values: dict = {}        # (milestone, group) -> {trial_id: value}
+        self.ended: dict = {}         # group -> {trial_id}: seeds that diverged or raised (count as +inf later on)
+        self.stopped: dict = {}       # group -> milestone at which the group was stopped
+        self.trials: dict = {}        # group -> {trial_id: Trial} (live objects; their status tells ERROR)
+        self._seeded = self.history is None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["trials"] = {}
+        return d
+
+    # Tune's hooks
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True
+
+    def on_trial_add(self, tune_controller, trial):
+        self._seed()
+        self.trials.setdefault(group_of(trial), {})[trial.trial_id] = trial
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._seed()
+        g = group_of(trial)
+        self.trials.setdefault(g, {})[trial.trial_id] = trial
+        if result.get("diverged"):
+            self.ended.setdefault(g, set()).add(trial.trial_id)
+        self.record(trial.trial_id, g, result.get(self.time_attr), result.get(self._metric))
+        return TrialScheduler.STOP if g in self.stopped else TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict):
+        if result and result.get("diverged"):
+            g = group_of(trial)
+            self.ended.setdefault(g, set()).add(trial.trial_id)
+            self.decide(g)
+
+    def on_trial_error(self, tune_controller, trial):
+        # Tune calls this for every failure, retried or not; only a trial out of retries ends its seed
+        # (num_failures is already counted when this runs: tune_controller._process_trial_failure)
+        if not trial.should_recover():
+            g = group_of(trial)
+            self.ended.setdefault(g, set()).add(trial.trial_id)
+            self.decide(g)
+
+    def choose_trial_to_run(self, tune_controller):
+        return super().choose_trial_to_run(tune_controller)
+
+    def debug_string(self) -> str:
+        return f"GroupASHA: rungs {self.milestones}, stopped groups {sorted(self.stopped)}"
+
+    # the algorithm (pure bookkeeping; the tests drive it with fake trials)
+    def record(self, trial_id: str, group: int, images_seen, value) -> None:
+        if images_seen is None:
+            return
+        v, _ = finite_or_inf(value)
+        for m in self.milestones:
+            if m <= images_seen:
+                self.values.setdefault((m, group), {}).setdefault(trial_id, v)
+        self.decide(group)
+
+    def _ended(self, group: int) -> set:
+        errored = {tid for tid, t in self.trials.get(group, {}).items() if getattr(t, "status", None) == "ERROR"}
+        return self.ended.get(group, set()) | errored
+
+    def decide(self, group: int) -> None:
+        """Make every rung decision of `group` whose seeds are all in, lowest rung first."""
+        for m in self.milestones:
+            if group in self.stopped:
+                return
+            if group in self.rung_means[m]:
+                continue
+            vals = self.values.get((m, group), {})
+            gone = [tid for tid in self._ended(group) if tid not in vals]
+            if len(vals) + len(gone) < self.n_seeds:
+                return  # wait for the other seeds to reach this rung
+            allv = list(vals.values()) + [math.inf] * len(gone)
+            mean = float(np.mean(allv)) if all(math.isfinite(x) for x in allv) else math.inf
+            prev = [min(x, _BIG) for x in self.rung_means[m].values()]
+            cutoff = float(np.percentile(prev, 100.0 / self.rf)) if prev else None
+            self.rung_means[m][group] = mean
+            if not math.isfinite(mean) or (cutoff is not None and mean > cutoff):
+                self.stopped[group] = m
+
+    def _seed(self) -> None:
+        """Rebuild the rung records from the results so far (a resumed sweep), once."""
+        if self._seeded:
+            return
+        self._seeded = True
+        try:
+            history = self.history()
+        except Exception as e:  # never into Tune's restore (it would silently restart the experiment)
+            warnings.warn(f"GroupASHA: could not rebuild the rung records ({e}); judging new results only")
+            return
+        for tid, g, imgs, value, ended in history:
+            if ended:  # diverged, or raised out of retries
+                self.ended.setdefault(g, set()).add(tid)
+            self.record(tid, g, imgs, value)
+
+
+# -- the searcher ------------------------------------------------------------------------------------------------
+
+def _draw(kind: str, vals: list, rng: np.random.Generator):
+    if kind == "choice":
+        return vals[int(rng.integers(len(vals)))]
+    if kind == "uniform":
+        return float(rng.uniform(vals[0], vals[1]))
+    if kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(vals[0]), math.log(vals[1]))))
+    if kind == "randint":
+        return int(rng.integers(vals[0], vals[1] + 1))  # inclusive
+    raise ValueError(kind)
+
+
+def optuna_distributions(space: dict) -> dict:
+    import optuna.distributions as D
+
+    out = {}
+    for key, (kind, vals) in space.items():
+        if kind == "choice":
+            out[key] = D.CategoricalDistribution(vals)
+        elif kind in ("uniform", "loguniform"):
+            out[key] = D.FloatDistribution(vals[0], vals[1], log=kind == "loguniform")
+        elif kind == "randint":
+            out[key] = D.IntDistribution(vals[0], vals[1])
+        else:
+            raise UserError(f"space.{key}: optuna cannot search `{kind}` values: use `choice`")
+    return out
+
+
+def open_study(url: str, study_name: str, sweep_id: str, create: bool):
+    """The sweep's Optuna study; refuses (one line) a study that belongs to another sweep."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise UserError(f"tracking.optuna_storage {url}: cannot open ({msg[:200]})") from None
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        if not create:
+            raise UserError(f"Optuna study {study_name!r} is missing from {url}") from None
+        study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize")
+        study.set_user_attr("p2sweep.sweep_id", sweep_id)
+        return study
+    owner = study.user_attrs.get("p2sweep.sweep_id")
+    if owner != sweep_id:
+        raise UserError(f"Optuna study {study_name!r} in {url} belongs to another sweep (id {owner}, this sweep "
+                        f"{sweep_id}): refusing to mix its trials into this one")
+    return study
+
+
+class GroupSearcher(Searcher):
+    """Hands out configurations (grid x num_samples, random, or Optuna TPE) once per seed; see the module doc."""
+
+    def __init__(self, space: dict, algorithm: str, num_samples: int, seeds: list, metric: str,
+                 search_seed: int = 0, optuna_url: str = "", study_name: str = "", sweep_id: str = "",
+                 max_concurrent: int = 0):
+        super().__init__(metric=metric, mode="min")
+        self.space, self.algorithm = space, algorithm
+        self.seeds = list(seeds)
+        self.search_seed = int(search_seed)
+        self.optuna_url, self.study_name, self.sweep_id = optuna_url, study_name, sweep_id
+        # concurrency is limited here, not by Tune's ConcurrencyLimiter: that wrapper drops the completion of a
+        # trial it no longer counts as live (an errored trial retried on resume), which would never reach Optuna
+        self.max_concurrent = int(max_concurrent)
+        grid = [(k, vals) for k, (kind, vals) in space.items() if kind == "grid"]
+        self.grid_keys = [k for k, _ in grid]
+        self.grid_points = [list(p) for p in itertools.product(*[v for _, v in grid])] or [[]]
+        self.n_configs = num_samples if algorithm == "optuna" else num_samples * len(self.grid_points)
+        self.groups: dict = {}   # group -> {"params", "optuna", "outcomes": {seed: (status, value)}, "steps", "told"}
+        self.queue: list = []    # (group, seed) still to hand out
+        self.trial_group: dict = {}  # trial_id -> (group, seed)
+        self.next_group = 0
+        self.adoptable: list = []  # Optuna trial numbers asked but never told or handed out (lost in a crash)
+        self._checked = False
+        self._study = None
+
+    def num_trials(self) -> int:
+        return self.n_configs * len(self.seeds)
+
+    # state (Tune saves it with its experiment state, every ~10 s and at the end)
+    def get_state(self) -> dict:
+        return {k: getattr(self, k) for k in ("groups", "queue", "trial_group", "next_group")}
+
+    def set_state(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str):
+        # no Optuna I/O here: an exception inside Tune's restore makes Tune silently start the experiment afresh
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+        self._checked = False
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_study"] = None
+        return d
+
+    @property
+    def study(self):
+        if self._study is None:
+            self._study = open_study(self.optuna_url, self.study_name, self.sweep_id, create=True)
+        return self._study
+
+    def live(self) -> int:
+        return sum(1 for g, seed in self.trial_group.values() if seed not in self.groups[g]["outcomes"])
+
+    def find_adoptable(self) -> None:
+        """Optuna trials still RUNNING that no group of ours holds were asked after Tune's last save: reuse them."""
+        if self.algorithm != "optuna":
+            return
+        import optuna
+
+        held = {g["optuna"] for g in self.groups.values()}
+        self.adoptable = sorted(t.number for t in self.study.get_trials(deepcopy=False)
+                                if t.state == optuna.trial.TrialState.RUNNING and t.number not in held)
+
+    # configurations
+    def params_for(self, group: int) -> tuple[dict, int | None]:
+        if self.algorithm == "optuna":
+            return self._optuna_params()
+        sample, gi = divmod(group, len(self.grid_points))
+        params = dict(zip(self.grid_keys, self.grid_points[gi]))
+        rng = np.random.default_rng([self.search_seed, group])
+        for key, (kind, vals) in self.space.items():
+            if kind != "grid":
+                params[key] = _draw(kind, vals, rng)
+        return params, None
+
+    def _optuna_params(self) -> tuple[dict, int]:
+        if self.adoptable:
+            number = self.adoptable.pop(0)
+            t = next(x for x in self.study.get_trials(deepcopy=False) if x.number == number)
+            return dict(t.params), number
+        t = self.study.ask(optuna_distributions(self.space))
+        return dict(t.params), t.number
+
+    def suggest(self, trial_id: str):
+        if self.max_concurrent and self.live() >= self.max_concurrent:
+            return None
+        if not self.queue:
+            if self.next_group >= self.n_configs:
+                return Searcher.FINISHED
+            g = self.next_group
+            try:
+                if not self._checked:  # after a restore or a restart: Optuna trials a dead driver asked come back
+                    self.find_adoptable()
+                    self._checked = True
+                params, number = self.params_for(g)
+            except Exception as e:  # the Optuna database is unreachable: ask again on Tune's next call
+                warnings.warn(f"Optuna: could not ask for a configuration ({str(e).splitlines()[0][:160]})")
+                return None
+            self.next_group += 1
+            self.groups[g] = {"params": params, "optuna": number, "outcomes": {}, "steps": {}, "reported": [],
+                              "told": False}
+            self.queue = [(g, s) for s in self.seeds]
+        g, seed = self.queue.pop(0)
+        self.trial_group[trial_id] = (g, seed)
+        return {**self.groups[g]["params"], "train.seed": seed, GROUP_KEY: g}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.trial_group:
+            return
+        g, seed = self.trial_group[trial_id]
+        grp = self.groups[g]
+        if grp["outcomes"].get(seed, ("",))[0] == "error" and (self.algorithm != "optuna" or not grp["told"]):
+            del grp["outcomes"][seed]  # an errored trial retried with `resume --retry-errored` runs again
+            grp["told"] = False
+        if self.algorithm != "optuna":
+            return
+        rep = TrialReport.from_result(self.metric, result)
+        step = rep.images_seen
+        grp["steps"].setdefault(step, {})[seed] = rep.value
+        if len(grp["steps"][step]) == len(self.seeds) and step not in grp["reported"]:
+            grp["reported"].append(step)
+            vals = list(grp["steps"][step].values())
+            mean = float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.inf
+            self._report(grp["optuna"], mean, step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.trial_group:
+            return
+        if result and not error:
+            self.on_trial_result(trial_id, result)  # Tune skips on_trial_result for the report it answers STOP
+        g, seed = self.trial_group[trial_id]
+        grp = self.groups[g]
+        if error or not result:
+            grp["outcomes"][seed] = ("error", None)
+        else:
+            rep = TrialReport.from_result(self.metric, result)
+            if rep.final:
+                grp["outcomes"][seed] = ("diverged" if rep.failed_value else "complete", rep.value)
+            else:
+                grp["outcomes"][seed] = ("stopped", rep.value)
+        if len(grp["outcomes"]) == len(self.seeds):
+            self.tell(g)
+        self.retell()
+
+    def verdict(self, group: int) -> tuple[str, float | None]:
+        """("complete", mean) if every seed reached the end (+inf if one diverged), ("pruned", None) if one was
+        stopped early, ("fail", None) if one raised."""
+        outs = list(self.groups[group]["outcomes"].values())
+        kinds = {k for k, _ in outs}
+        if "error" in kinds:
+            return "fail", None
+        if "stopped" in kinds:
+            return "pruned", None
+        vals = [v for _, v in outs]
+        return "complete", (float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.inf)
+
+    def tell(self, group: int) -> None:
+        grp = self.groups[group]
+        if grp["told"]:
+            return
+        if self.algorithm != "optuna":
+            grp["told"] = True
+            return
+        import optuna
+
+        kind, value = self.verdict(group)
+        state = {"complete": optuna.trial.TrialState.COMPLETE, "pruned": optuna.trial.TrialState.PRUNED,
+                 "fail": optuna.trial.TrialState.FAIL}[kind]
+        try:
+            # skip_if_finished: a trial that finished before a driver crash may finish again after the resume
+            self.study.tell(grp["optuna"], values=value if kind == "complete" else None, state=state,
+                            skip_if_finished=True)
+            grp["told"] = True
+        except Exception as e:  # never into Tune (it would fail the trial or end the run); told on the next event
+            warnings.warn(f"Optuna: could not tell trial {grp['optuna']} ({str(e).splitlines()[0][:160]})")
+
+    def retell(self) -> None:
+        """Tell Optuna every finished configuration it has not heard of (after a failed tell)."""
+        for g, grp in self.groups.items():
+            if not grp["told"] and len(grp["outcomes"]) == len(self.seeds):
+                self.tell(g)
+
+    def _report(self, number: int, value: float, step: int) -> None:
+        import optuna
+
+        try:
+            frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+            if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING or \
+                    step in frozen.intermediate_values:
+                return
+            # Optuna reopens a running trial by its storage id (FrozenTrial._trial_id); Trial.report is public
+            optuna.trial.Trial(self.study, frozen._trial_id).report(min(value, _BIG), step)
+        except Exception as e:  # an intermediate value is not worth ending the sweep for
+            warnings.warn(f"Optuna: could not report to trial {number} ({str(e).splitlines()[0][:160]})")

@@ -1,0 +1,178 @@
+"""The sweep commands of `p2sweep`: run, resume, status, best, compare, ui (imported only when one of them runs).
+Ray is imported only by run/resume, after `ray_env.prepare` has set what Ray must see at import time."""
+from __future__ import annotations
+
+import os
+import sys
+
+from p2core.errors import UserError
+
+from . import results as R
+from .meta import load_meta, storage_root, validate_name
+from .table import format_table
+
+
+def cmd_run(args) -> int:
+    from p2core.config import parse_set
+
+    from .spec import describe, format_duration, load_sweep
+
+    sets = parse_set(args.set)
+    # --cpus/--gpus are sweep-file keys given on the command line: the same validation applies
+    if args.cpus is not None:
+        sets["resources.cpu"] = args.cpus
+    if args.gpus is not None:
+        sets["resources.gpu"] = args.gpus
+    spec = load_sweep(args.sweep, sets)
+    name = validate_name(spec.name if args.name is None else args.name)
+    budget = format_duration(args.time_budget) if args.time_budget else None
+    storage = storage_root(args.storage or spec.storage or None)
+    if args.dry_run:
+        print(describe(spec))
+        print(f"  storage: {os.path.join(storage, name)}")
+        return 0
+    from .runner import run
+
+    return run(spec, name, storage, args.address, budget, spec_dir=os.path.dirname(os.path.abspath(args.sweep)))
+
+
+def cmd_resume(args) -> int:
+    from .runner import resume
+    from .spec import format_duration
+
+    validate_name(args.name, "NAME")
+    return resume(args.name, args.storage, args.address,
+                  format_duration(args.time_budget) if args.time_budget else None, retry_errored=args.retry_errored)
+
+
+def _trials(name, storage):
+    meta = load_meta(name, storage)
+    return meta, R.load_trials(meta.dir, meta.metric)
+
+
+def _baseline_rows(meta):
+    """[(baseline name, metric name, value)] for the sweep's metric family (every sampling spec)."""
+    from p2core.metrics import is_metric_name, parse_metric_name
+
+    from .baselines import load_results
+
+    kind, n, _ = parse_metric_name(meta.metric)
+    rows = []
+    for bname, res in load_results(meta.dir).items():
+        for k, v in sorted(res.items()):
+            if is_metric_name(k) and parse_metric_name(k)[:2] == (kind, n):
+                rows.append((bname, k, v))
+    return rows
+
+
+def _print_baselines(meta, heading):
+    rows = _baseline_rows(meta)
+    if rows:
+        print(heading)
+        print(format_table(["baseline", "metric", "value"], [[x, m, f"{v:.5g}"] for x, m, v in rows]))
+
+
+def cmd_status(args) -> int:
+    meta, trials = _trials(args.name, args.storage)
+    header, rows = R.status_rows(trials, meta.metric)
+    print(f"sweep {args.name}: {len(trials)} trial(s), metric {meta.metric}, max {meta.max_images} images, "
+          f"seeds {meta.seeds}")
+    print(format_table(header, rows))
+    if any(t.state == "ERROR" for t in trials):
+        print("ERROR trials stay errored on `p2sweep resume`; `p2sweep resume --retry-errored` gives them another "
+              "attempt from their last checkpoint")
+    _print_baselines(meta, "baselines (evaluated, not trained):")
+    return 0
+
+
+def _seeds_cell(r: R.Row) -> str:
+    return f"{r.n}/{r.seeds_expected}" + (" (lost seeds)" if r.lost else "")
+
+
+def cmd_best(args) -> int:
+    meta, trials = _trials(args.name, args.storage)
+    rows = R.group_rows(trials, meta.metric, meta.max_images, len(meta.seeds), args.scope)
+    if not rows:
+        raise UserError(f"sweep {args.name!r} has no evaluated trial yet")
+    keys = sorted({k for r in rows for k in r.config})
+    header = ["config"] + keys + ["steps", "images", "mean", "std", "seeds", "complete",
+                                  f"checkpoint of its first seed (in {meta.dir})"]
+    table = [[str(r.group)] + [str(r.config.get(k, "-")) for k in keys] +
+             [r.spec, str(r.images_seen), f"{r.mean:.5g}", f"{r.std:.3g}", _seeds_cell(r),
+              "yes" if r.complete else "no",
+              os.path.relpath(r.checkpoints[0], meta.dir) if r.checkpoints and r.checkpoints[0] else "-"]
+             for r in rows]
+    print(f"sweep {args.name}: ranked by {meta.metric.split('_')[0]}_<steps> ({args.scope} evaluation, mean over the "
+          f"seeds that reached the same point; complete rows first, rows that lost seeds last)")
+    print(format_table(header, table))
+    _print_baselines(meta, "baselines (evaluated, not trained; not ranked):")
+    best = rows[0]
+    note = "" if best.complete else "  (NOT complete: no configuration finished with all its seeds)"
+    print(f"best: {best.config} with steps {best.spec}: {best.mean:.5g} +- {best.std:.3g} over {best.n} seed(s){note}")
+    if best.checkpoints and best.checkpoints[0]:
+        ck = os.path.join(best.checkpoints[0], "trainer.pt")
+        print(f"checkpoint: {ck}  (p2sweep sample {ck} --steps {best.spec})")
+    if args.export:
+        from p2core.atomic import atomic_write_text
+
+        atomic_write_text(args.export, R.best_export_yaml(meta, best, trials))
+        print(f"exported: {args.export}  (train it: p2sweep train {args.export})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .plots import plot_history
+
+    table, all_trials = [], {}
+    for name in args.names:
+        meta, trials = _trials(name, args.storage)
+        all_trials[name] = trials
+        for r in R.group_rows(trials, meta.metric, meta.max_images, len(meta.seeds)):
+            cfg = ", ".join(f"{k}={v}" for k, v in sorted(r.config.items()))
+            table.append([name, cfg, r.metric, str(r.images_seen), f"{r.mean:.5g}", f"{r.std:.3g}", _seeds_cell(r),
+                          "yes" if r.complete else "no"])
+        for bname, m, v in _baseline_rows(meta):
+            table.append([name, f"baseline {bname}", m, "-", f"{v:.5g}", "-", "1", "baseline"])
+    header = ["sweep", "config", "metric", "images", "mean", "std", "seeds", "complete"]
+    print(format_table(header, table))
+    if args.csv:
+        import csv
+
+        from p2core.atomic import atomic_write
+
+        atomic_write(args.csv, lambda f: csv.writer(f).writerows([header] + table), binary=False)
+    plot = args.plot or "compare.png"
+    if plot_history(plot, all_trials, "metric"):
+        print(f"plot: {plot}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import shutil
+    import subprocess
+
+    from .ray_env import privacy_env
+
+    privacy_env()  # before MLflow is imported: its telemetry is on by default
+    storage = storage_root(args.storage)
+    uri = "sqlite:///" + os.path.join(os.path.abspath(storage), "mlflow.db")
+    exp_path = ""
+    if args.name:
+        meta = load_meta(args.name, args.storage)
+        uri = meta.paths.mlflow_uri
+        from .tracking import client
+
+        exp = client(uri).get_experiment_by_name(meta.experiment)
+        if exp is not None:
+            exp_path = f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    elif not os.path.exists(os.path.join(storage, "mlflow.db")):
+        raise UserError(f"no MLflow database in {storage}")
+    mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    print(f"MLflow UI: http://{args.host}:{args.port}/{exp_path}   (Ctrl-C stops it)")
+    cmd = [mlflow_bin, "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+           "--default-artifact-root", os.path.join(os.path.abspath(storage), "mlartifacts")]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0

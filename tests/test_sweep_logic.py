@@ -1,0 +1,441 @@
+"""The sweep's decision logic without a Ray session: replicate searcher, group ASHA, ranking, reports, tracking
+retries, names, Ray start-up arguments. Each test names the case of the "sweeps, part 2" issue it covers."""
+import json
+import math
+import os
+import types
+
+import pytest
+import yaml
+
+from test_config_cli import ROOT
+
+
+def smoke_raw(**changes):
+    with open(os.path.join(ROOT, "search_spaces", "smoke.yaml")) as f:
+        d = yaml.safe_load(f)
+    d.update(changes)
+    return d
+
+
+def fake_trial(tid, config, status="RUNNING"):
+    return types.SimpleNamespace(trial_id=tid, config=config, status=status)
+
+
+# -- case 1: replicates run the same configuration; random search is reproducible ------------------------------
+
+def test_random_search_gives_every_seed_the_same_configuration_and_is_reproducible():
+    from sweeps.schedulers import GroupSearcher
+
+    space = {"diffusion.p2_gamma": ("uniform", [0.0, 2.0]), "diffusion.p2_k": ("loguniform", [0.1, 10.0]),
+             "diffusion.noise_schedule": ("grid", ["linear", "cosine"])}
+
+    def draw(seed):
+        s = GroupSearcher(space, "random", 2, [0, 1, 2], "rkid32_ddim5", search_seed=seed)
+        out = []
+        while True:
+            c = s.suggest(f"t{len(out)}")
+            if c == "FINISHED":
+                return out
+            out.append(c)
+
+    a = draw(7)
+    assert len(a) == 2 * 2 * 3  # (grid 2 x num_samples 2) configurations x 3 seeds
+    for g in range(4):
+        members = [c for c in a if c["p2sweep_group"] == g]
+        assert sorted(c["train.seed"] for c in members) == [0, 1, 2]
+        vals = {json.dumps({k: v for k, v in c.items() if k != "train.seed"}, sort_keys=True) for c in members}
+        assert len(vals) == 1  # the replicates are the same configuration
+    assert draw(7) == a
+    assert [c["diffusion.p2_gamma"] for c in draw(8)] != [c["diffusion.p2_gamma"] for c in a]
+    assert len({c["diffusion.p2_gamma"] for c in a}) == 4
+
+
+def _optuna_searcher(tmp_path, seeds, n=2):
+    from sweeps.schedulers import GroupSearcher
+
+    space = {"diffusion.p2_gamma": ("uniform", [0.0, 2.0]), "train.lr": ("choice", [1e-3, 3e-3])}
+    return GroupSearcher(space, "optuna", n, seeds, "m", optuna_url=f"sqlite:///{tmp_path}/o.db",
+                         study_name="s-1", sweep_id="id1")
+
+
+def test_optuna_is_asked_and_told_once_per_configuration(tmp_path):
+    import optuna
+
+    s = _optuna_searcher(tmp_path, [0, 1])
+    cfgs = {f"t{i}": s.suggest(f"t{i}") for i in range(4)}
+    assert s.suggest("t4") == "FINISHED"
+    study = s.study
+    assert len(study.get_trials()) == 2  # one Optuna trial per configuration, not per seed
+    assert cfgs["t0"]["diffusion.p2_gamma"] == cfgs["t1"]["diffusion.p2_gamma"]
+    # group 0: both seeds reach the end -> COMPLETE with the mean
+    for tid, v in (("t0", 0.2), ("t1", 0.4)):
+        s.on_trial_result(tid, {"m": v + 0.5, "images_seen": 128})
+        s.on_trial_complete(tid, {"m": v, "images_seen": 384, "final": 1})
+    # group 1: seed 0 is stopped early -> PRUNED, keeping the rung mean as intermediate value
+    s.on_trial_result("t2", {"m": 0.9, "images_seen": 128})
+    s.on_trial_result("t3", {"m": 0.7, "images_seen": 128})
+    s.on_trial_complete("t2", {"m": 0.9, "images_seen": 128, "final": 0})
+    assert study.get_trials()[1].state == optuna.trial.TrialState.RUNNING  # told only once every seed is in
+    s.on_trial_complete("t3", {"m": 0.5, "images_seen": 384, "final": 1})
+    t0, t1 = study.get_trials()
+    assert t0.state == optuna.trial.TrialState.COMPLETE and t0.value == pytest.approx(0.3)
+    assert t0.intermediate_values == {128: pytest.approx(0.8), 384: pytest.approx(0.3)}
+    assert t1.state == optuna.trial.TrialState.PRUNED and t1.intermediate_values == {128: pytest.approx(0.8)}
+    # a seed that raised fails its configuration
+    s2 = _optuna_searcher(tmp_path / "b", [0], n=1)
+    os.makedirs(tmp_path / "b")
+    s2.suggest("x")
+    s2.on_trial_complete("x", None, error=True)
+    assert s2.study.get_trials()[0].state == optuna.trial.TrialState.FAIL
+
+
+# -- case 7: a crash between Optuna's tell and Tune's save ----------------------------------------------------
+
+def test_optuna_restore_adopts_lost_trials_and_tells_idempotently(tmp_path):
+    import optuna
+
+    s = _optuna_searcher(tmp_path, [0], n=3)
+    s.suggest("a")
+    saved = str(tmp_path / "searcher.pkl")
+    s.save(saved)  # Tune's last save: one configuration handed out
+    s.suggest("b")  # asked after the save, then the driver dies
+    s.on_trial_complete("a", {"m": 0.5, "images_seen": 384, "final": 1})  # told after the save
+    lost = s.groups[1]["optuna"]
+    r = _optuna_searcher(tmp_path, [0], n=3)
+    r.restore(saved)  # (no Optuna I/O inside Tune's restore: adoption happens at the next new configuration)
+    # Tune re-creates the lost trial under a new id: it gets the lost Optuna trial and its values back
+    assert r.suggest("b2")["diffusion.p2_gamma"] == s.groups[1]["params"]["diffusion.p2_gamma"]
+    assert r.groups[1]["optuna"] == lost
+    # trial "a" (restored by Tune) finishes again: no UpdateFinishedTrialError, the first value stays
+    r.on_trial_result("a", {"m": 0.6, "images_seen": 384})
+    r.on_trial_complete("a", {"m": 0.6, "images_seen": 384, "final": 1})
+    r.on_trial_complete("b2", {"m": 0.7, "images_seen": 384, "final": 1})
+    r.suggest("c")
+    r.on_trial_complete("c", {"m": 0.8, "images_seen": 384, "final": 1})
+    assert r.suggest("d") == "FINISHED"
+    states = [t.state for t in r.study.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3
+    assert r.study.get_trials()[0].value == pytest.approx(0.5)
+
+
+# -- case 1/3: ASHA per configuration on the mean over seeds; non-finite is the worst ---------------------------
+
+def test_group_asha_decides_on_the_mean_over_seeds():
+    from ray.tune.schedulers import TrialScheduler as TS
+
+    from sweeps.schedulers import GroupASHA
+
+    s = GroupASHA("m", [100, 300], 3, seeds_per_group=2)
+    t = {(g, k): fake_trial(f"{g}{k}", {"p2sweep_group": g}) for g in range(3) for k in range(2)}
+    res = lambda v, i=100: {"m": v, "images_seen": i}
+    for x in t.values():
+        s.on_trial_add(None, x)
+    assert s.on_trial_result(None, t[0, 0], res(1.0)) == TS.CONTINUE
+    assert s.on_trial_result(None, t[0, 1], res(1.2)) == TS.CONTINUE  # group 0: first at the rung, continues
+    # group 1: seed 0 alone would be cut (0.5 < 1.1 is better, but 3.0 is worse); the mean 1.75 > cutoff 1.1
+    assert s.on_trial_result(None, t[1, 0], res(0.5)) == TS.CONTINUE  # waits for its sibling
+    assert s.on_trial_result(None, t[1, 1], res(3.0)) == TS.STOP
+    assert s.stopped == {1: 100} and s.rung_means[100] == {0: pytest.approx(1.1), 1: pytest.approx(1.75)}
+    assert s.on_trial_result(None, t[1, 0], res(0.4, 150)) == TS.STOP  # the sibling stops at its next report
+    # group 2: a NaN metric is +inf, the worst: stopped (a NaN compares false and would never be stopped)
+    s.on_trial_result(None, t[2, 0], res(0.1))
+    assert s.on_trial_result(None, t[2, 1], res(float("nan"))) == TS.STOP
+    assert math.isinf(s.rung_means[100][2])
+
+
+def test_group_asha_counts_a_diverged_seed_as_worst_and_rebuilds_from_history():
+    from sweeps.schedulers import GroupASHA
+
+    s = GroupASHA("m", [100], 3, seeds_per_group=2)
+    a, b = fake_trial("a", {"p2sweep_group": 0}), fake_trial("b", {"p2sweep_group": 0})
+    s.on_trial_result(None, a, {"m": 1.0, "images_seen": 100})
+    s.on_trial_complete(None, b, {"m": math.inf, "images_seen": 40, "diverged": 1, "final": 1})
+    assert s.stopped == {0: 100}
+    hist = [("x", 0, 100, 1.0, False), ("y", 0, 100, 1.2, False), ("z", 1, 100, 0.9, False),
+            ("w", 1, 100, 2.0, False)]
+    r = GroupASHA("m", [100], 3, seeds_per_group=2, history=lambda: hist)
+    r.on_trial_add(None, fake_trial("v", {"p2sweep_group": 2}))
+    assert r.rung_means[100] == {0: pytest.approx(1.1), 1: pytest.approx(1.45)} and r.stopped == {1: 100}
+
+
+# -- case 3: non-finite metric values are reported as +inf -----------------------------------------------------
+
+@pytest.mark.parametrize("v", [float("nan"), float("inf"), float("-inf"), None])
+def test_nonfinite_metric_is_reported_as_worst(v):
+    from sweeps.report import TrialReport
+
+    r = TrialReport.make("rkid32_ddim5", v, 128, evals={"rfid32_ddim5": float("nan")}).to_result()
+    assert r["rkid32_ddim5"] == math.inf and r["nonfinite_metric"] == 1 and r["ckpt_score"] == math.inf
+    assert r["rfid32_ddim5"] == math.inf
+    ok = TrialReport.make("rkid32_ddim5", 0.25, 128).to_result()
+    assert ok["rkid32_ddim5"] == 0.25 and ok["nonfinite_metric"] == 0
+
+
+# -- case 4: trials and results work from the validated config ---------------------------------------------------
+
+def test_base_without_eval_section_gives_working_trial_configs(tmp_path):
+    from sweeps.spec import parse_sweep
+    from sweeps.trainable import TrialInfo, trial_config
+
+    raw = smoke_raw()
+    raw["base"] = {k: v for k, v in raw["base"].items() if k != "eval"}
+    raw["base"]["diffusion"]["diffusion_steps"] = 1000  # the default sampling spec is 250 steps
+    raw["metric"] = "kid10k_250"  # the defaults' metric name (Inception, 10k samples, 250 steps)
+    spec = parse_sweep(raw, ROOT)
+    assert "eval" in spec.base and spec.base["eval"]["num_samples"] == 10000
+    cfg = trial_config(spec.base, {"diffusion.p2_gamma": 1.0, "p2sweep_group": 0, "train.seed": 3},
+                       TrialInfo(metric=spec.metric, cpu=2, cache_dir=str(tmp_path)))
+    assert cfg.eval.cache_dir == str(tmp_path) and cfg.train.seed == 3 and cfg.train.num_threads == 2
+
+
+# -- case 2: ranking with lost seeds, --scope best, export ---------------------------------------------------------
+
+def _write_trial(d, tid, group, seed, reports, state):
+    tdir = os.path.join(d, f"trial_{tid}")
+    os.makedirs(tdir)
+    cfg = {"train.lr": 0.001 * (group + 1), "p2sweep_group": group, "train.seed": seed}
+    with open(os.path.join(tdir, "result.json"), "w") as f:
+        for i, (imgs, vals) in enumerate(reports):
+            f.write(json.dumps({"trial_id": tid, "config": cfg, "images_seen": imgs, "final": int(imgs == 384),
+                                "timestamp": i, **vals}) + "\n")
+    return tid, {"state": state, "diverged": False, "images_seen": reports[-1][0], "config": cfg,
+                 "dir": f"trial_{tid}"}
+
+
+def _fake_sweep(tmp_path):
+    from sweeps.meta import STATES
+
+    d = str(tmp_path / "exp")
+    m, o = "rkid32_ddim5", "rkid32_ddim10"
+    states = dict([
+        # group 0: both seeds complete, mean 0.5 at ddim5 and 0.6 at ddim10
+        _write_trial(d, "a0", 0, 0, [(128, {m: 0.6}), (384, {m: 0.5, o: 0.6})], "TERMINATED"),
+        _write_trial(d, "a1", 0, 1, [(128, {m: 0.6}), (384, {m: 0.5, o: 0.6})], "TERMINATED"),
+        # group 1: seed 1 stopped at 128; its surviving seed has the best ddim10 value of all: must not win
+        _write_trial(d, "b0", 1, 0, [(128, {m: 0.5}), (384, {m: 0.1, o: 0.05})], "TERMINATED"),
+        _write_trial(d, "b1", 1, 1, [(128, {m: 0.9})], "STOPPED"),
+        # group 2: its best point is 128 (0.3); --scope best must use 128 for every spec
+        _write_trial(d, "c0", 2, 0, [(128, {m: 0.3, o: 0.35}), (384, {m: 0.7, o: 0.2})], "TERMINATED"),
+    ])
+    os.makedirs(os.path.join(d, "trial_zz"))  # a trial directory Tune does not know (lost in a crash): ignored
+    with open(os.path.join(d, "trial_zz", "result.json"), "w") as f:
+        f.write(json.dumps({"trial_id": "zz", "config": {"p2sweep_group": 9}, "images_seen": 384, m: 0.0}) + "\n")
+    with open(os.path.join(d, STATES), "w") as f:
+        json.dump(states, f)
+    return d
+
+
+def test_rows_rank_on_seeds_at_the_same_point_and_lost_seeds_never_win(tmp_path):
+    from sweeps.results import group_rows, load_trials
+
+    d = _fake_sweep(tmp_path)
+    trials = load_trials(d, "rkid32_ddim5")
+    assert sorted(t.trial_id for t in trials) == ["a0", "a1", "b0", "b1", "c0"]
+    rows = group_rows(trials, "rkid32_ddim5", 384, seeds_expected=2)
+    top = rows[0]
+    assert (top.group, top.spec, top.n, top.lost, top.complete) == (0, "ddim5", 2, 0, True)
+    assert top.mean == pytest.approx(0.5)
+    by = {(r.group, r.spec): r for r in rows}
+    b10 = by[1, "ddim10"]
+    assert b10.n == 1 and b10.lost == 1 and not b10.complete  # only its surviving seed
+    b5 = by[1, "ddim5"]
+    assert b5.images_seen == 128 and b5.n == 2 and b5.mean == pytest.approx(0.7)  # both seeds, at the same point
+    order = [(r.group, r.spec) for r in rows]
+    assert order.index((0, "ddim10")) < order.index((1, "ddim10"))
+    assert all(r.complete for r in rows[:2]) and all(not r.complete for r in rows[2:])
+    best = {(r.group, r.spec): r for r in group_rows(trials, "rkid32_ddim5", 384, 2, scope="best")}
+    assert best[2, "ddim5"].images_seen == 128 and best[2, "ddim10"].images_seen == 128
+    assert best[2, "ddim10"].mean == pytest.approx(0.35)
+
+
+def test_export_carries_the_trials_own_values_and_validates(tmp_path):
+    from p2core.config import config_from_dict
+    from sweeps.meta import Paths, SweepMeta
+    from sweeps.results import best_export_yaml, group_rows, load_trials
+    from sweeps.spec import parse_sweep
+
+    spec = parse_sweep(smoke_raw(), os.path.join(ROOT, "search_spaces"))
+    d = _fake_sweep(tmp_path)
+    trials = load_trials(d, "rkid32_ddim5")
+    meta = SweepMeta(name="x", sweep_id="i", metric="rkid32_ddim5", max_images=384, base=spec.base, source_yaml="",
+                     raw={}, paths=Paths(str(tmp_path), "", "", ""), parent_run_id="", experiment="x", seeds=[0, 1])
+    row = group_rows(trials, "rkid32_ddim5", 384, 2)[0]
+    cfg = config_from_dict(yaml.safe_load(best_export_yaml(meta, row, trials)))
+    assert cfg.train.seed == 0 and cfg.train.lr == pytest.approx(0.001)
+    row_b = [r for r in group_rows(trials, "rkid32_ddim5", 384, 2) if r.group == 1 and r.spec == "ddim10"][0]
+    cfg = config_from_dict(yaml.safe_load(best_export_yaml(meta, row_b, trials)))
+    assert cfg.train.seed == 0 and cfg.eval.sampling_steps == ["ddim10"] and cfg.metric == "rkid32_ddim10"
+
+
+# -- case 8: MLflow errors never end the sweep ------------------------------------------------------------------------
+
+class Flaky:
+    """An MlflowClient that fails its first `n` write calls with "database is locked"."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+        if not callable(fn) or name.startswith(("get_", "search_")):
+            return fn
+
+        def call(*a, **kw):
+            if self.n > 0:
+                self.n -= 1
+                raise RuntimeError("(sqlite3.OperationalError) database is locked")
+            return fn(*a, **kw)
+        return call
+
+
+def test_mlflow_failures_are_retried_then_queued_and_written_at_finish(tmp_path, monkeypatch):
+    from sweeps import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    real = tracking.client(uri)
+    flaky = Flaky(real, 0)
+    monkeypatch.setattr(tracking, "client", lambda u: flaky)
+    monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.0, 0.0))
+    exp = tracking.ensure_experiment(real, "s")
+    parent = real.create_run(exp).info.run_id
+    exp_dir = str(tmp_path / "exp")
+    tr = tracking.MLflowTracker(uri, "s", parent, {"train.lr": 0.001}, "rkid32_ddim5", 384, "s", exp_dir)
+    trial = types.SimpleNamespace(trial_id="t1", config={"p2sweep_group": 0, "train.seed": 0}, path=str(tmp_path),
+                                  last_result={"images_seen": 384, "final": 1})
+    flaky.n = 2  # fails twice, the third try (second retry) succeeds
+    tr.on_trial_start(0, [], trial)
+    flaky.n = 100  # down for longer than the retries: nothing raises into Tune, the metrics are queued
+    tr.on_trial_result(0, [], trial, {"rkid32_ddim5": 0.5, "images_seen": 128, "train_log": "[]"})
+    tr.on_trial_complete(0, [], trial)
+    assert os.path.exists(os.path.join(exp_dir, tracking.PENDING))
+    flaky.n = 0
+    left = tracking.write_pending(uri, "s", parent, {"train.lr": 0.001}, "s", exp_dir, {"t1": str(tmp_path)})
+    assert left == 0 and not os.path.exists(os.path.join(exp_dir, tracking.PENDING))
+    tracking.reconcile(uri, "s", parent, {"t1": {"state": "TERMINATED", "images_seen": 384}}, 384)
+    runs = [r for r in real.search_runs([exp]) if r.data.tags.get("p2sweep.role") == "trial"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.value for m in real.get_metric_history(runs[0].info.run_id, "rkid32_ddim5")] == [0.5]
+
+
+# -- cases 10, 11, 12, 14 -----------------------------------------------------------------------------------------
+
+def test_optuna_study_of_another_sweep_is_refused(tmp_path):
+    import optuna
+
+    from p2core.errors import UserError
+    from sweeps.schedulers import open_study
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    foreign = optuna.create_study(study_name="demo-abcdef12", storage=url)
+    foreign.set_user_attr("p2sweep.sweep_id", "someone-else")
+    with pytest.raises(UserError, match="belongs to another sweep"):
+        open_study(url, "demo-abcdef12", "abcdef12mine", create=True)
+    mine = open_study(url, "demo-12345678", "12345678x", create=True)
+    assert mine.user_attrs["p2sweep.sweep_id"] == "12345678x" and not mine.get_trials()
+    from sweeps.meta import Paths, SweepMeta
+
+    m = SweepMeta("demo", SweepMeta.new_id(), "m", 1, {}, "", {}, Paths("", "", "", ""), "", "demo")
+    assert m.study_name != "demo" and m.study_name.startswith("demo-")  # never the bare sweep name
+
+
+def test_local_ray_never_joins_a_running_cluster(monkeypatch):
+    import ray
+
+    from sweeps import ray_env
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    ray_env.init_ray(None)
+    assert calls[0]["address"] == "local" and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", ".", "..", "", "sp ace"])
+def test_bad_names_are_refused_by_run_and_resume(name, tmp_path):
+    from p2core.errors import UserError
+    from sweeps.meta import validate_name
+    from sweeps.sweep_commands import cmd_resume, cmd_run
+
+    with pytest.raises(UserError, match="sweep name is letters"):
+        validate_name(name)
+    args = types.SimpleNamespace(sweep=os.path.join(ROOT, "search_spaces", "smoke.yaml"), set=[], cpus=None,
+                                 gpus=None, name=name, time_budget=None, storage=str(tmp_path), dry_run=True,
+                                 address=None, retry_errored=False)
+    with pytest.raises(UserError):
+        cmd_run(args)
+    with pytest.raises(UserError):
+        cmd_resume(args)
+    assert os.listdir(tmp_path) == []
+    assert validate_name("demo.v2") == "demo.v2"
+
+
+def test_ui_turns_telemetry_off_before_mlflow_is_imported(tmp_path, monkeypatch):
+    import subprocess
+
+    from sweeps.sweep_commands import cmd_ui
+
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: seen.update(env=env, cmd=cmd) or 0)
+    cmd_ui(types.SimpleNamespace(name=None, storage=str(tmp_path), host="127.0.0.1", port=5055))
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and seen["env"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert seen["cmd"][seen["cmd"].index("--host") + 1] == "127.0.0.1"
+
+
+def test_example_cluster_uses_token_auth_and_no_usage_stats():
+    with open(os.path.join(ROOT, "examples", "ray_cluster.yaml")) as f:
+        text = f.read()
+    cfg = yaml.safe_load(text)
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    ray_starts = [c for c in starts if "ray start" in c]
+    assert len(ray_starts) == 2
+    assert all("RAY_AUTH_MODE=token" in c and "RAY_USAGE_STATS_ENABLED=0" in c for c in ray_starts)
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+
+
+def test_gpu_above_one_and_bad_cpus_are_refused_with_the_key():
+    from p2core.errors import UserError
+    from sweeps.spec import parse_sweep
+
+    with pytest.raises(UserError, match="resources.gpu"):
+        parse_sweep(smoke_raw(resources={"cpu": 1, "gpu": 2}), os.path.join(ROOT, "search_spaces"))
+    with pytest.raises(UserError, match="seeds"):
+        parse_sweep(smoke_raw(seeds=[0, 0]), os.path.join(ROOT, "search_spaces"))
+
+
+def test_searcher_limits_concurrency_itself_and_prunes_with_the_stopping_rung(tmp_path):
+    """Tune answers STOP without calling the searcher's on_trial_result: the stopping rung's value reaches Optuna
+    through on_trial_complete. Concurrency is counted in the searcher (Tune's ConcurrencyLimiter would drop the
+    completion of an errored trial that `resume --retry-errored` runs again)."""
+    import optuna
+
+    from sweeps.schedulers import GroupSearcher
+
+    s = GroupSearcher({"diffusion.p2_gamma": ("uniform", [0.0, 2.0])}, "optuna", 2, [0, 1], "m",
+                      optuna_url=f"sqlite:///{tmp_path}/o.db", study_name="s", sweep_id="i", max_concurrent=2)
+    s.suggest("a"), s.suggest("b")
+    assert s.suggest("c") is None  # two live trials: wait
+    s.on_trial_result("a", {"m": 0.4, "images_seen": 128})
+    s.on_trial_complete("b", {"m": 0.6, "images_seen": 128, "final": 0})  # stopped at the rung
+    s.on_trial_complete("a", {"m": 0.4, "images_seen": 256, "final": 0})
+    t = s.study.get_trials()[0]
+    assert t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values == {128: pytest.approx(0.5)}
+    assert s.suggest("c")["p2sweep_group"] == 1
+
+
+def test_group_asha_ends_a_seed_only_when_its_retries_are_used_up():
+    from sweeps.schedulers import GroupASHA
+
+    s = GroupASHA("m", [100], 3, seeds_per_group=2)
+    a = fake_trial("a", {"p2sweep_group": 0})
+    b = types.SimpleNamespace(trial_id="b", config={"p2sweep_group": 0}, status="RUNNING",
+                              should_recover=lambda: True)
+    s.on_trial_result(None, a, {"m": 1.0, "images_seen": 100})
+    s.on_trial_error(None, b)  # will be retried: not an ended seed
+    assert s.stopped == {} and 0 not in s.rung_means[100]
+    b.should_recover = lambda: False
+    s.on_trial_error(None, b)  # out of retries: counts as +inf, the configuration is stopped
+    assert s.stopped == {0: 100}
