@@ -257,8 +257,8 @@ def describe(spec: SweepSpec) -> str:
                  f"{spec.max_concurrent or 'unlimited'}; max_failures {spec.max_failures}")
     per_img = cfg.train.total_images
     gen = generated_images(cfg, len(pts))
-    lines.append(f"  configurations: {spec.num_configs()} x {len(spec.seeds)} seed(s) = trials: {n}; per trial at most {per_img} images trained, {len(pts)} evaluations at {pts}, "
-                 f"{gen} images generated")
+    lines.append(f"  configurations: {spec.num_configs()} x {len(spec.seeds)} seed(s) = trials: {n}; per trial at most "
+                 f"{per_img} images trained, {len(pts)} evaluations at {pts}, {gen} images generated")
     for b in spec.baselines:
         lines.append(f"  baseline {b['name']}: {b['checkpoint']} (evaluated, not trained; "
                      f"{cfg.eval.num_samples * len(cfg.eval.sampling_steps)} images generated)")

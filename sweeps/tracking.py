@@ -115,6 +115,7 @@ class TrialRuns:
         self.c, self.parent, self.base_flat, self.sweep = c, parent, base_flat, sweep
         self.exp = ensure_experiment(c, experiment)
         self._ids: dict = {}
+        self._tagged: dict = {}
 
     def get(self, trial_id: str, config: dict, label: str = "") -> str:
         key = replicate_key(config)
@@ -131,7 +132,9 @@ class TrialRuns:
             else:
                 rid = self._create(key, config, label or trial_id)
             self._ids[key] = rid
-        self.c.set_tag(rid, TRIAL_ID, trial_id)
+        if self._tagged.get(rid) != trial_id:  # the latest Tune trial of this replicate (it changes after a crash)
+            self.c.set_tag(rid, TRIAL_ID, trial_id)
+            self._tagged[rid] = trial_id
         return rid
 
     def _create(self, key: str, config: dict, label: str) -> str:
