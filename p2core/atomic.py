@@ -22,3 +22,14 @@ def atomic_write(path: str, write, binary: bool = True) -> str:
 
 def atomic_write_text(path: str, text: str) -> str:
     return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def save_figure(fig, path: str) -> str:
+    """Write a matplotlib figure as PNG atomically, then close it (also on error)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

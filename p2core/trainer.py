@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import plan
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write_text, save_figure
 from .config import TrainingConfig
 from .data import load_dataset, to_float
 from .diffusion import diffusion_from_config
@@ -344,9 +344,5 @@ class Trainer:
         ax.set_xlabel("images seen")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        try:
-            return atomic_write(os.path.join(self.out_dir, "loss.png"), lambda f: fig.savefig(f, format="png"))
-        finally:
-            plt.close(fig)
+        return save_figure(fig, os.path.join(self.out_dir, "loss.png"))
 

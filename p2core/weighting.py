@@ -82,10 +82,6 @@ def plot_weighting(path: str, curves: list[tuple[str, np.ndarray, np.ndarray]], 
     ax.set_ylabel("loss weight on epsilon-MSE")
     ax.set_title(title or "Weighting vs SNR")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    from .atomic import atomic_write
+    from .atomic import save_figure
 
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

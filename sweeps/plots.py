@@ -11,7 +11,7 @@ def plot_history(path: str, sweeps: dict, ylabel: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from p2core.atomic import atomic_write
+    from p2core.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     any_line = False
@@ -28,8 +28,4 @@ def plot_history(path: str, sweeps: dict, ylabel: str) -> str | None:
     ax.set_xlabel("images seen")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
