@@ -225,9 +225,8 @@ class Row:
         return (not self.complete, self.lost > 0, math.isinf(self.mean), self.mean)
 
 
-def _common_point(trials: list[Trial], name: str, prefer=None) -> tuple[int | None, list[Trial]]:
-    """The point in training where most seeds have `name` (then the latest such point; or `prefer` when every seed
-    has it there)."""
+def _common_point(trials: list[Trial], name: str) -> tuple[int | None, list[Trial]]:
+    """The point in training where most seeds have `name` (the latest such point on a tie)."""
     counts: dict = {}
     for t in trials:
         for p, ev in t.points.items():
@@ -235,8 +234,6 @@ def _common_point(trials: list[Trial], name: str, prefer=None) -> tuple[int | No
                 counts.setdefault(p, []).append(t)
     if not counts:
         return None, []
-    if prefer is not None and prefer in counts and len(counts[prefer]) == max(len(v) for v in counts.values()):
-        return prefer, counts[prefer]
     p = max(counts, key=lambda k: (len(counts[k]), k))
     return p, counts[p]
 

@@ -237,7 +237,11 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
         open_study(meta.paths.optuna_storage, meta.study_name, meta.sweep_id, create=False)
     from .tracking import Retrying, client
 
-    Retrying(client(meta.paths.mlflow_uri)).update_run(meta.parent_run_id, status="RUNNING")
+    try:
+        Retrying(client(meta.paths.mlflow_uri)).update_run(meta.parent_run_id, status="RUNNING")
+    except Exception as e:  # MLflow never stops a sweep: `finish` closes the books when it is back
+        print(f"p2sweep: MLflow is not reachable ({str(e).splitlines()[0][:200]}); resuming without it",
+              file=sys.stderr)
     run_baselines(spec, meta)  # those already evaluated are skipped
     # Tune's tuner.pkl exists from the start, its experiment state only after the first save: without it (the
     # driver died within seconds) Tune's restore would quietly start a one-trial experiment, so start afresh
@@ -291,10 +295,9 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
 
         atomic_write_text(os.path.join(meta.dir, STATES), json.dumps(states, indent=1, default=str))
     interrupted = interrupted or any(v["state"] in R.UNFINISHED for v in states.values())
-    finish(meta, interrupted)
+    trials = finish(meta, interrupted)
     from .table import format_table
 
-    trials = R.load_trials(meta.dir, spec.metric)
     print(format_table(*R.status_rows(trials, spec.metric)))
     p = meta.paths.storage
     if interrupted:
@@ -303,20 +306,20 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
     return 130 if interrupted and not budget["hit"] else 0
 
 
-def finish(meta: SweepMeta, interrupted: bool = False) -> None:
+def finish(meta: SweepMeta, interrupted: bool = False) -> list:
     """Write what MLflow missed, close runs left RUNNING, then put the results table and the metric-vs-images plot
-    on the parent run."""
+    on the parent run. Returns the sweep's trials (results.Trial)."""
+    from p2core.config import config_from_dict
+
     from .plots import plot_history
     from .tracking import Retrying, client, reconcile, write_pending
 
     trials = R.load_trials(meta.dir, meta.metric)
     states = R.known_states(meta.dir)
-    from p2core.config import config_from_dict
-
-    base_flat = config_from_dict(dict(meta.base)).flat()
-    left = write_pending(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, base_flat, meta.name, meta.dir,
-                         {t.trial_id: t.dir for t in trials})
     try:
+        left = write_pending(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id,
+                             config_from_dict(dict(meta.base)).flat(), meta.name, meta.dir,
+                             {t.trial_id: t.dir for t in trials})
         reconcile(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, states, meta.max_images)
         c = Retrying(client(meta.paths.mlflow_uri))
         with tempfile.TemporaryDirectory() as tmp:
@@ -331,3 +334,4 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> None:
     except Exception as e:  # the sweep's results are safe in the storage; MLflow catches up on the next resume
         print(f"p2sweep: MLflow could not be updated ({str(e).splitlines()[0][:200]}); run `p2sweep resume "
               f"{meta.name}` later to write it", file=sys.stderr)
+    return trials

@@ -114,9 +114,6 @@ class GroupASHA(FIFOScheduler):
             self.ended.setdefault(g, set()).add(trial.trial_id)
             self.decide(g)
 
-    def choose_trial_to_run(self, tune_controller):
-        return super().choose_trial_to_run(tune_controller)
-
     def debug_string(self) -> str:
         return f"GroupASHA: rungs {self.milestones}, stopped groups {sorted(self.stopped)}"
 
