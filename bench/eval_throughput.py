@@ -1,10 +1,19 @@
-"""Evaluation throughput: generation images/s per sampling spec and feature-extraction images/s (NVIDIA's
-Inception through clean-fid's clean resize), and the projected time of FID-10k at 50 and 250 steps for the CPU
-preset and the paper config. Prints one JSON line. Usage: python bench/eval_throughput.py [--n 64]
+"""Evaluation throughput before and after the changes of issue 12, measured side by side in one process.
+
+- generation: image-steps/s of one DDIM step, fp32 vs bf16 autocast (the default where the device has bf16 units),
+  for the CPU preset (1.19M, 32 px) and the paper config (93.6M, 256 px);
+- clean resize to 299x299: clean-fid's PIL loop (image by image, channel by channel) vs the batched matmul with
+  PIL's own filter (p2core.evaluation.clean_resize_batch);
+- Inception features: before (PIL loop + NCHW) vs after (batched resize + NHWC), NVIDIA's network;
+- FID-10k time projected from these, before and after.
+Rounds alternate between before and after; medians. Prints one JSON line.
+
+  python bench/eval_throughput.py [--n 64] [--device cpu|cuda] [--threads N]
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -13,58 +22,109 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from p2core import accel  # noqa: E402
 from p2core.config import load_config  # noqa: E402
-from p2core.evaluation import extract_features, get_extractor  # noqa: E402
+from p2core.evaluation import clean_resize_batch, get_extractor  # noqa: E402
 from p2core.sampling import diffusion_for_spec  # noqa: E402
 from p2core.unet import model_from_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def per_step_forward_s(cfg, batch, device, repeats=2):
-    """Seconds for one denoising step of `batch` images (a sampler costs steps x this)."""
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict, device, rounds: int) -> dict:
+    """Median seconds of each function, calling them in turn `rounds` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def generation(cfg, batch, device, rounds):
     model = model_from_config(cfg).to(device).eval()
     s = cfg.model.image_size
     x = torch.randn(batch, cfg.model.in_channels, s, s, device=device)
     d = diffusion_for_spec(cfg.diffusion, "ddim5")
-    with torch.inference_mode():
-        t = torch.full((batch,), 2, dtype=torch.long, device=device)
-        d.ddim_sample(model, x, t)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            d.ddim_sample(model, x, t)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+    t = torch.full((batch,), 2, dtype=torch.long, device=device)
+
+    def step(bf16):
+        def fn():
+            with torch.inference_mode(), accel.autocast(device, bf16):
+                d.ddim_sample(lambda a, b: model(a, b).float(), x, t)
+        return fn
+
+    med = alternate({"fp32": step(False), "bf16": step(True)}, device, rounds)
+    return {k: batch / v for k, v in med.items()}  # image-steps per second
+
+
+def pil_loop_resize(imgs):
+    from cleanfid.resize import build_resizer
+
+    fn = build_resizer("clean")
+    return torch.from_numpy(np.stack([fn(np.ascontiguousarray(im.transpose(1, 2, 0))).transpose(2, 0, 1)
+                                      for im in imgs]))
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=64, help="images per measurement")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=32, help="images per feature measurement")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    out = {"device": a.device, "threads": torch.get_num_threads()}
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    device = torch.device(a.device)
+    out = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "bf16_default": accel.use_bf16(accel.AUTO, device)}
     presets = {"cpu_preset": load_config(os.path.join(ROOT, "configs/fmnist_cpu.yaml")),
                "paper256": load_config(os.path.join(ROOT, "configs/ffhq256_p2.yaml"))}
     for name, cfg in presets.items():
-        batch = a.n if name == "cpu_preset" else (1 if a.device == "cpu" else 64)
-        step_s = per_step_forward_s(cfg, batch, a.device)
-        per_img_step = step_s / batch
-        out[f"{name}_gen_img_s_per_step"] = round(1 / per_img_step, 2)
-        for steps in (10, 25, 50, 250):
-            out[f"{name}_gen_img_s_{steps}steps"] = round(1 / (per_img_step * steps), 3)
-    ext = get_extractor("inception")
+        batch = 64 if name == "cpu_preset" else (1 if device.type == "cpu" else 64)
+        g = generation(cfg, batch, device, a.rounds)
+        for k, v in g.items():
+            out[f"{name}_gen_img_steps_s_{k}"] = round(v, 2)
     imgs = np.random.default_rng(0).integers(0, 256, (a.n, 3, 32, 32), dtype=np.uint8)
-    extract_features(imgs[:8], ext, device=a.device)
-    t0 = time.perf_counter()
-    extract_features(imgs, ext, batch_size=32, device=a.device)
-    feat_s = (time.perf_counter() - t0) / a.n
-    out["inception_img_s"] = round(1 / feat_s, 2)
-    for name in presets:
-        for steps in (50, 250):
-            gen = 10_000 / out[f"{name}_gen_img_s_{steps}steps"]
-            out[f"{name}_fid10k_{steps}_projected_min"] = round((gen + 10_000 * feat_s) / 60, 1)
+    med = alternate({"before": lambda: pil_loop_resize(imgs), "after": lambda: clean_resize_batch(imgs, device)},
+                    device, a.rounds)
+    out["resize_img_s_before"] = round(a.n / med["before"], 1)
+    out["resize_img_s_after"] = round(a.n / med["after"], 1)
+    ext = get_extractor("inception").to(device)
+
+    def features(before):
+        def fn():
+            with torch.inference_mode():
+                if before:
+                    return ext(pil_loop_resize(imgs).to(device))
+                return ext(clean_resize_batch(imgs, device).contiguous(memory_format=torch.channels_last))
+        return fn
+
+    f_before, f_after = features(True)(), features(False)()
+    out["features_max_abs_diff"] = float((f_before - f_after).abs().max())
+    med = alternate({"before": features(True), "after": features(False)}, device, a.rounds)
+    out["features_img_s_before"] = round(a.n / med["before"], 2)
+    out["features_img_s_after"] = round(a.n / med["after"], 2)
+    for when, gen_key, feat_key in (("before", "fp32", "features_img_s_before"),
+                                    ("after", "bf16" if out["bf16_default"] else "fp32", "features_img_s_after")):
+        feat_s = 10_000 / out[feat_key]
+        for name in presets:
+            for steps in (50, 250):
+                gen_s = 10_000 * steps / out[f"{name}_gen_img_steps_s_{gen_key}"]
+                out[f"{name}_fid10k_{steps}_projected_min_{when}"] = round((gen_s + feat_s) / 60, 1)
     print(json.dumps(out))
 
 

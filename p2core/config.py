@@ -17,6 +17,10 @@ import yaml
 from .errors import UserError
 
 
+class Switch:
+    """Annotation of a setting that is true, false or "auto" (resolved per device by p2core.accel)."""
+
+
 @dataclass
 class ModelConfig:
     image_size: int = 32
@@ -77,9 +81,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_threads: int = 0  # 0 = the CPUs this process may use
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    bf16: bool = True  # autocast on CUDA only
+    bf16: Switch = "auto"  # bf16 autocast; auto = CUDA, or a CPU with bf16 units (p2core/accel.py)
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = False  # measured mixed (p2core/accel.py)
 
 
 @dataclass
@@ -134,6 +138,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
+    if tp is Switch:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise UserError(f"{key}: expected true, false or auto, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -18,6 +18,7 @@ Reference statistics (mean, covariance, up to 10,000 features for KID) of the tr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -226,16 +227,41 @@ def extractor_from_config(ev) -> nn.Module:
 
 # -- features -------------------------------------------------------------------------------------------------
 
-def clean_resize_batch(images_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 [N, C, H, W] (C = 1 or 3) -> float [N, 3, 299, 299] in [0, 255], clean-fid's clean resize."""
-    from cleanfid.resize import build_resizer
+@functools.lru_cache(maxsize=8)
+def clean_resize_matrix(size_in: int, size_out: int = 299) -> np.ndarray:
+    """[size_out, size_in] float64 matrix R of PIL's bicubic resize along one axis, as clean-fid calls it.
 
-    fn = build_resizer("clean")
-    out = np.empty((len(images_uint8), 3, 299, 299), dtype=np.float32)
-    for i, im in enumerate(images_uint8):
-        hwc = np.repeat(im, 3, axis=0).transpose(1, 2, 0) if im.shape[0] == 1 else im.transpose(1, 2, 0)
-        out[i] = fn(np.ascontiguousarray(hwc)).transpose(2, 0, 1)
-    return torch.from_numpy(out)
+    PIL resizes a float ("F") image in two separable passes, each a fixed linear map of one axis: resizing the unit
+    rows e_j through PIL itself gives that map's columns, so R is PIL's own filter (taps, support, edge handling)
+    and no re-implementation of it.
+    """
+    from PIL import Image
+
+    cols = []
+    for j in range(size_in):
+        e = np.zeros((1, size_in), dtype=np.float32)
+        e[0, j] = 1.0
+        row = Image.fromarray(e, mode="F").resize((size_out, 1), resample=Image.BICUBIC)
+        cols.append(np.asarray(row, dtype=np.float64)[0])
+    return np.stack(cols, axis=1)
+
+
+def clean_resize_batch(images_uint8, device="cpu") -> torch.Tensor:
+    """uint8 [N, C, H, W] (C = 1 or 3) -> float32 [N, 3, 299, 299] in [0, 255] on `device`.
+
+    clean-fid's clean resize (PIL bicubic on each float32 channel, then clip to [0, 255]) for a whole batch at once:
+    out = clip(R_H x R_W^T) with R from `clean_resize_matrix`, computed in float64 on the CPU or float32 on a GPU. Equal
+    to clean-fid's image-by-image PIL loop within 1e-3 (tests/test_evaluation.py).
+    """
+    x = torch.as_tensor(np.asarray(images_uint8))
+    n, c, h, w = x.shape
+    device = torch.device(device)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    rh = torch.as_tensor(clean_resize_matrix(h), dtype=dtype, device=device)
+    rw = torch.as_tensor(clean_resize_matrix(w), dtype=dtype, device=device)
+    xf = x.to(device=device, dtype=dtype)
+    out = torch.matmul(torch.matmul(rh, xf), rw.T).clamp_(0, 255).to(torch.float32)  # [N, C, 299, 299]
+    return out.expand(n, 3, *out.shape[2:]).contiguous() if c == 1 else out
 
 
 @torch.inference_mode()
@@ -250,7 +276,8 @@ def extract_features(images_uint8, extractor: nn.Module, *, batch_size: int = 64
     extractor = extractor.to(device)
     feats = []
     for s in tqdm(range(0, len(images_uint8), batch_size), desc=desc, disable=not progress, leave=False):
-        x = clean_resize_batch(np.asarray(images_uint8[s:s + batch_size])).to(device)
+        # NHWC: oneDNN / cuDNN run Inception's convolutions 1.15-1.3x faster, same features within 1e-5
+        x = clean_resize_batch(images_uint8[s:s + batch_size], device).contiguous(memory_format=torch.channels_last)
         feats.append(extractor(x).double().cpu().numpy())
     return np.concatenate(feats) if feats else np.zeros((0, 0))
 

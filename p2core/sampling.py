@@ -1,10 +1,10 @@
 """Generate images from a trained network for a sampling spec ("250" = DDPM respaced, "ddim25" = DDIM)."""
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
+from . import accel
 from .atomic import atomic_write
 from .data import to_uint8
 from .diffusion import diffusion_from_config
@@ -16,25 +16,20 @@ def diffusion_for_spec(diff_cfg, spec: str):
     return diffusion_from_config(diff_cfg, parse_respacing(spec))
 
 
-def autocast_for(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def generate(model, diff_cfg, spec: str, num_samples: int, *, image_size: int, channels: int, batch_size: int = 256,
-             seed: int = 0, device=None, bf16: bool = True, progress: bool = False, eta: float = 0.0):
+             seed: int = 0, device=None, bf16=accel.AUTO, progress: bool = False, eta: float = 0.0):
     """Sample `num_samples` images: uint8 tensor [N, C, H, W] on the CPU, deterministic in (seed, batch_size)."""
     device = torch.device(device or next(model.parameters()).device)
     diffusion = diffusion_for_spec(diff_cfg, spec)
     ddim = parse_respacing(spec).startswith("ddim")
     gen = torch.Generator(device=device).manual_seed(int(seed))
+    bf16 = accel.use_bf16(bf16, device)
     was_training = model.training
     model.eval()
 
     def net(x, t):
-        with autocast_for(device, bf16):
+        with accel.autocast(device, bf16):
             return model(x, t).float()
 
     out = []

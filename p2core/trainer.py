@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from . import accel
 from . import checkpoint as ckpt
 from . import plan
 from .atomic import atomic_write_text, save_figure
@@ -23,7 +24,7 @@ from .data import load_dataset, to_float
 from .diffusion import diffusion_from_config
 from .ema import EMA
 from .errors import Diverged, UserError
-from .sampling import autocast_for, generate, save_grid
+from .sampling import generate, save_grid
 from .unet import model_from_config
 
 PHASES = (("coarse", 0.0, 1e-2), ("content", 1e-2, 1.0), ("cleanup", 1.0, math.inf))  # the paper's 3 stages by SNR
@@ -74,11 +75,13 @@ class Trainer:
         self.device = resolve_device(t.device)
         torch.manual_seed(t.seed)
         self.images, self.dataset_key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
+        self.bf16 = accel.use_bf16(t.bf16, self.device)
+        self.channels_last = t.channels_last
         self.model = model_from_config(cfg).to(self.device)
-        if t.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, t.ema_rate, warmup=t.ema_warmup)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.opt = accel.make_optimizer(self.model.parameters(), t.lr, t.weight_decay, self.device)
         self.diffusion = diffusion_from_config(cfg.diffusion)
         self.phase_of_t = torch.from_numpy(np.digitize(self.diffusion.snr, [1e-2, 1.0])).to(self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
@@ -167,7 +170,7 @@ class Trainer:
         if self.cfg.data.random_flip:
             flip = torch.rand(n, device=self.device, generator=self.gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        if self.cfg.train.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -189,7 +192,7 @@ class Trainer:
         net = self.net
 
         def model(xt, tt):
-            with autocast_for(self.device, self.cfg.train.bf16):
+            with accel.autocast(self.device, self.bf16):
                 return net(xt, tt).float()
 
         terms = self.diffusion.training_losses(model, x, t, noise=noise)
@@ -220,18 +223,31 @@ class Trainer:
         last_eval: dict = {}
         t_last = time.perf_counter()
         imgs_since = 0
+        unchecked = None
+
+        def check_finite(pending):
+            if pending is not None:
+                loss = pending[0].item()
+                if not math.isfinite(loss):
+                    raise Diverged(pending[1], loss)
+
         try:
             while self.images_seen < tr.total_images:
                 n = min(tr.batch_size, tr.total_images - self.images_seen)
                 out = self.train_step(self.next_batch(n))
-                loss = out["loss"].item()
+                # the previous step's loss is read only now, after this step's work is queued: no host sync
+                # inside a step on CUDA; every log, grid, evaluation and checkpoint below sees checked losses
+                check_finite(unchecked)
                 self.images_seen += n
                 self.step += 1
                 imgs_since += n
-                if not math.isfinite(loss):
-                    raise Diverged(self.images_seen, loss)
+                unchecked = (out["loss"], self.images_seen)
                 self._accumulate(acc, out)
                 bar.update(n)
+                if (self.images_seen >= min(next_log, next_sample, next_ckpt, tr.total_images)
+                        or (pending_eval and self.images_seen >= pending_eval[0])):
+                    check_finite(unchecked)
+                    unchecked = None
                 if self.images_seen >= next_log or self.images_seen >= tr.total_images:
                     now = time.perf_counter()
                     rec = self._flush_acc(acc, imgs_since / max(now - t_last, 1e-9))
@@ -321,7 +337,7 @@ class Trainer:
         spec = self.cfg.eval.sampling_steps[0]
         imgs = generate(self.ema.model, self.cfg.diffusion, spec, n, image_size=self.cfg.model.image_size,
                         channels=self.cfg.model.in_channels, batch_size=min(n, self.cfg.eval.batch_size),
-                        seed=self.cfg.eval.seed, device=self.device, bf16=self.cfg.train.bf16)
+                        seed=self.cfg.eval.seed, device=self.device, bf16=self.bf16)
         return save_grid(imgs, os.path.join(self.out_dir, "samples", f"grid_{self.images_seen:012d}.png"))
 
     def plot_losses(self) -> str | None:

@@ -9,7 +9,8 @@ def tiny_cfg(**sections):
         "diffusion": {"diffusion_steps": 100, "learn_sigma": True, "p2_gamma": 1.0, "rescale_learned_sigmas": True},
         "data": {"dataset": "synthetic", "max_images": 64},
         "train": {"total_images": 256, "batch_size": 16, "lr": 1e-3, "ema_rate": 0.9, "log_every_images": 32,
-                  "checkpoint_every_images": 128, "num_threads": 1, "grid_samples": 0, "seed": 0},
+                  "checkpoint_every_images": 128, "num_threads": 1, "grid_samples": 0, "seed": 0,
+                  "bf16": False},  # a toy UNet is overhead-bound: bf16 autocast costs more than it saves
         "eval": {"enabled": False, "num_samples": 16, "sampling_steps": ["ddim5"], "extractor": "random",
                  "ref_samples": 32, "batch_size": 16},
     }

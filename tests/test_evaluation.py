@@ -264,3 +264,20 @@ def test_download_never_uses_a_file_planted_at_cleanfids_tmp_path(tmp_path, monk
         f.write(b"tampered")
     with pytest.raises(UserError, match="cached Inception file has sha256"):
         E.locate_inception("", allow_download=True, expected_sha256=sha, cache_dir=str(cache))
+
+
+@pytest.mark.parametrize("channels,h,w", [(3, 32, 32), (1, 28, 28), (3, 40, 24), (3, 299, 299), (3, 512, 512)])
+def test_batched_clean_resize_equals_cleanfids_pil_loop(channels, h, w):
+    from cleanfid.resize import build_resizer
+
+    rng = np.random.default_rng(h * w + channels)
+    imgs = rng.integers(0, 256, (3, channels, h, w), dtype=np.uint8)
+    imgs[0, :, : h // 2] = 255  # hard edges: bicubic overshoot, so the clip to [0, 255] is exercised
+    imgs[0, :, h // 2:] = 0
+    fn = build_resizer("clean")
+    ref = np.stack([fn(np.ascontiguousarray(np.repeat(im, 3 // channels, axis=0).transpose(1, 2, 0))).transpose(2, 0, 1)
+                    for im in imgs])
+    got = E.clean_resize_batch(imgs).numpy()
+    assert got.shape == ref.shape == (3, 3, 299, 299) and got.dtype == np.float32
+    assert np.abs(got - ref).max() < 1e-3
+    assert ref.min() == 0 and ref.max() == 255  # the clip really happened in the reference
