@@ -389,32 +389,46 @@ class Evaluator:
                                         progress=self.progress)
         return self._ref
 
-    def score(self, gen_uint8, spec: str) -> dict:
+    def configured_metrics(self, specs) -> list[str]:
+        """The config's metric names (eval.metrics at eval.num_samples) for these sampling specs."""
         ev = self.cfg.eval
-        feats = extract_features(gen_uint8, self.extractor, batch_size=min(ev.batch_size, 128), device=self.device,
-                                 progress=self.progress, desc=f"features {spec}")
-        out = {}
-        ref = self.ref
-        if "fid" in ev.metrics:
-            mu, sigma = stats(feats)
-            out[metric_name("fid", ev.num_samples, spec, ev.extractor)] = fid_from_stats(mu, sigma, ref["mu"], ref["sigma"])
-        if "kid" in ev.metrics:
-            out[metric_name("kid", ev.num_samples, spec, ev.extractor)] = kid_from_feats(feats, ref["feats"].astype(np.float64))
-        return out
+        return [metric_name(kind, ev.num_samples, spec, ev.extractor) for spec in specs for kind in ("fid", "kid")
+                if kind in ev.metrics]
 
-    def evaluate_model(self, model, specs, seed: int = 0) -> dict:
+    def evaluate_model(self, model, specs, seed: int = 0, extra_metrics=()) -> dict:
+        """Every configured metric for `specs`, plus any other metric names (e.g. an ASHA rung's kid1k_ddim10).
+
+        One generation per sampling spec, of the largest sample count any of its metrics needs, and one feature
+        pass: a metric of n samples is computed on the first n images (fid1k and fid10k of one spec share samples).
+        """
+        from .metrics import parse_metric_name
+        from .respace import parse_respacing
         from .sampling import generate
 
         ev, results = self.cfg.eval, {}
+        by_spec: dict = {}
+        for name in dict.fromkeys(list(self.configured_metrics(specs)) + list(extra_metrics)):
+            kind, n, steps = parse_metric_name(name)
+            by_spec.setdefault(parse_respacing(steps), []).append((name, kind.lstrip("r"), n))
         _ = self.ref  # reference first: a cache miss is paid once, before any sampling
-        for spec in specs:
+        ref = self.ref
+        for spec, wanted in by_spec.items():
+            n_max = max(n for _, _, n in wanted)
             t0 = time.perf_counter()
-            imgs = generate(model, self.cfg.diffusion, spec, ev.num_samples, image_size=self.cfg.model.image_size,
+            imgs = generate(model, self.cfg.diffusion, spec, n_max, image_size=self.cfg.model.image_size,
                             channels=self.cfg.model.in_channels, batch_size=ev.batch_size, seed=seed,
                             device=self.device, bf16=self.cfg.train.bf16, progress=self.progress)
             t1 = time.perf_counter()
-            results.update(self.score(imgs, spec))
+            feats = extract_features(imgs, self.extractor, batch_size=min(ev.batch_size, 128), device=self.device,
+                                     progress=self.progress, desc=f"features {spec}")
+            for name, kind, n in wanted:
+                if kind == "fid":
+                    mu, sigma = stats(feats[:n])
+                    results[name] = fid_from_stats(mu, sigma, ref["mu"], ref["sigma"])
+                else:
+                    results[name] = kid_from_feats(feats[:n], ref["feats"].astype(np.float64))
             results[f"gen_seconds_{spec.replace(',', '-')}"] = t1 - t0
             results[f"feat_seconds_{spec.replace(',', '-')}"] = time.perf_counter() - t1
+            results[f"gen_images_{spec.replace(',', '-')}"] = n_max
         results["ref_samples"] = int(self.ref["n"])
         return results

@@ -56,3 +56,19 @@ def check_metric_produced(name: str, cfg) -> str:
     if parse_respacing(steps) not in specs:
         raise ValueError(f"{name} needs {steps!r} in eval.sampling_steps (the config has {ev.sampling_steps})")
     return parse_respacing(steps)
+
+
+def check_metric_producible(name: str, cfg) -> str:
+    """Raise ValueError unless the evaluator can compute `name` for this config at any point (an ASHA rung's
+    cheaper metric: its own sample count and sampling spec, the config's feature extractor); return its spec."""
+    from .respace import parse_respacing, space_timesteps
+
+    kind, n, steps = parse_metric_name(name)
+    if kind.startswith("r") != (cfg.eval.extractor == "random"):
+        want = "random" if kind.startswith("r") else "inception"
+        raise ValueError(f"{name} needs eval.extractor: {want} (the config has {cfg.eval.extractor})")
+    if n < 2:
+        raise ValueError(f"{name}: at least 2 samples")
+    spec = parse_respacing(steps)
+    space_timesteps(cfg.diffusion.diffusion_steps, spec)
+    return spec

@@ -61,7 +61,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainingConfig, out_dir: str, *, hooks=None, extra_eval_points=(), progress=True,
+    def __init__(self, cfg: TrainingConfig, out_dir: str, *, hooks=None, extra_eval_points=(), point_metrics=None,
+                 progress=True,
                  resume: bool = False, resume_from: str | None = None, init_from: str | None = None,
                  own_checkpoints: bool = True):
         self.cfg = cfg
@@ -94,6 +95,9 @@ class Trainer:
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.evaluator = None
         self.eval_points = plan.eval_points(cfg, extra_eval_points)
+        # evaluation point (images) -> the metric names computed there instead of the tracked metric (the cheap
+        # metric of a low ASHA rung); every other point computes the tracked metric
+        self.point_metrics = {int(k): list(v) for k, v in (point_metrics or {}).items()}
         if init_from:
             self.init_weights(init_from)
         path = resume_from or (ckpt.latest_checkpoint(self.ckpt_dir) if resume else None)
@@ -263,11 +267,12 @@ class Trainer:
                 if pending_eval and self.images_seen >= pending_eval[0]:
                     # every point this step passed is answered by one evaluation (e.g. an ASHA rung 2 images
                     # before the end and the end itself, inside one batch): the full end evaluation runs once
+                    answered = [p for p in pending_eval if p <= self.images_seen]
                     pending_eval = [p for p in pending_eval if p > self.images_seen]
                     final = self.images_seen >= tr.total_images
                     if final:
                         self.plot_losses()  # before the last evaluation: a scheduler may end the run at its report
-                    last_eval = self.evaluate(final=final)
+                    last_eval = self.evaluate(final=final, points=answered)
                 if self.own_checkpoints and (self.images_seen >= next_ckpt or self.images_seen >= tr.total_images):
                     self.save_checkpoint()
                     while next_ckpt <= self.images_seen:
@@ -306,11 +311,13 @@ class Trainer:
         return rec
 
     # -- evaluation and samples ---------------------------------------------------------------------------
-    def evaluate(self, final: bool = False) -> dict:
-        """Evaluate the EMA weights: the tracked metric's spec, or every spec at the end (eval.full_at_end)."""
+    def evaluate(self, final: bool = False, points=()) -> dict:
+        """Evaluate the EMA weights at the evaluation points `points` (answered by this one evaluation): each
+        point's own metrics (`point_metrics`) or the tracked metric's spec; every spec at the end
+        (eval.full_at_end). The record names the points it answers."""
         ev = self.cfg.eval
         if not ev.enabled:
-            rec = {"kind": "eval", "images_seen": self.images_seen}
+            rec = {"kind": "eval", "images_seen": self.images_seen, "points": list(points)}
             self._call("on_eval", rec)
             return rec
         from .evaluation import Evaluator
@@ -319,13 +326,15 @@ class Trainer:
         if self.evaluator is None:
             self.evaluator = Evaluator(self.cfg, self.images, self.dataset_key, device=self.device,
                                        progress=self.progress)
-        specs = list(ev.sampling_steps)
-        if self.cfg.metric and not (final and ev.full_at_end):
+        own = [m for p in points for m in self.point_metrics.get(p, [])]
+        tracked = final or not points or any(p not in self.point_metrics for p in points)
+        specs = list(ev.sampling_steps) if tracked else []
+        if tracked and self.cfg.metric and not (final and ev.full_at_end):
             specs = [check_metric_produced(self.cfg.metric, self.cfg)]
         t0 = time.perf_counter()
-        results = self.evaluator.evaluate_model(self.ema.model, specs, seed=ev.seed)
+        results = self.evaluator.evaluate_model(self.ema.model, specs, seed=ev.seed, extra_metrics=own)
         rec = {"kind": "eval", "images_seen": self.images_seen, **results,
-               "eval_seconds": time.perf_counter() - t0, "final": final}
+               "eval_seconds": time.perf_counter() - t0, "final": final, "points": list(points)}
         self._log(rec)
         self._call("on_eval", rec)
         return rec

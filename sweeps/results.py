@@ -81,7 +81,7 @@ class Trial:
     state: str
     images_seen: int
     points: dict = field(default_factory=dict)       # images_seen -> {metric name: value}
-    history: list = field(default_factory=list)      # [(images_seen, sweep metric)]
+    history: list = field(default_factory=list)      # [(images_seen, sweep metric)] where it was evaluated
     checkpoints: dict = field(default_factory=dict)  # images_seen -> checkpoint directory still on disk
     diverged: bool = False
     node_ip: str = ""
@@ -130,8 +130,8 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             trial_id=tid, dir=tdir, config=config, group=int(config.get(GROUP_KEY, -1)),
             seed=int(config.get("train.seed", 0)), state=state,
             images_seen=max(last.images_seen if last else 0, int(st.get("images_seen", 0))),
-            points={r.images_seen: {**r.evals, metric: r.value} for r in reps},
-            history=[(r.images_seen, r.value) for r in reps], checkpoints=ckpts,
+            points={r.images_seen: dict(r.evals) for r in reps},
+            history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else ""))
     return trials
 
@@ -149,7 +149,7 @@ def _state_from_files(last, tdir) -> str:
 
 
 def rung_history(d: str, metric: str) -> list[tuple]:
-    """[(trial_id, group, images_seen, value, ended)] of every report of the known trials, in time order, then a row
+    """[(trial_id, group, images_seen, rung score, ended)] of every report of the known trials, in time order, then a row
     (trial_id, group, None, None, True) for each trial that ended in ERROR (ASHA's rung records are rebuilt from
     them on resume)."""
     known = known_states(d)
@@ -160,8 +160,8 @@ def rung_history(d: str, metric: str) -> list[tuple]:
                 continue
             rep = TrialReport.from_result(metric, r)
             g = int((r.get("config") or {}).get(GROUP_KEY, -1))
-            out.append((r.get("reported_at", r.get("timestamp", 0)), r["trial_id"], g, rep.images_seen, rep.value,
-                        rep.diverged))
+            out.append((r.get("reported_at", r.get("timestamp", 0)), r["trial_id"], g, rep.images_seen,
+                        rep.rung_value, rep.diverged))
     errored = [(tid, int(st.get("config", {}).get(GROUP_KEY, -1))) for tid, st in known.items()
                if st.get("state") == "ERROR"]
     return [x[1:] for x in sorted(out, key=lambda x: x[0])] + [(tid, g, None, None, True) for tid, g in errored]

@@ -83,7 +83,8 @@ def build_trainable(spec: SweepSpec, paths: Paths):
 
     from .trainable import TrialInfo, run_trial
 
-    info = TrialInfo(metric=spec.metric, rungs=spec.rungs(), cpu=spec.cpu, cache_dir=paths.cache_dir)
+    info = TrialInfo(metric=spec.metric, rungs=spec.rungs(), rung_metrics=spec.rung_metric_map(), cpu=spec.cpu,
+                     cache_dir=paths.cache_dir)
     fn = tune.with_parameters(run_trial, base=spec.base, info=info)
     res = {"cpu": spec.cpu}
     if spec.gpu:
@@ -178,6 +179,7 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
         meta.parent_run_id = parent.info.run_id
         params = {"sweep.metric": spec.metric, "sweep.algorithm": spec.algorithm, "sweep.scheduler": spec.scheduler,
                   "sweep.seeds": str(spec.seeds), "sweep.max_images": spec.max_images, "sweep.id": sweep_id,
+                  "sweep.rung_metrics": str(spec.rung_metric_map() or "-"),
                   **provenance()}
         c.log_batch(meta.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         c.log_text(meta.parent_run_id, spec.source_yaml, "sweep.yaml")

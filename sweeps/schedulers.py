@@ -15,6 +15,8 @@ Replicates: every configuration runs once per seed (`seeds:`), all seeds with th
   best 1/reduction_factor of the group means recorded at that rung before it. The decision is made when the last
   seed reaches the rung; seeds that got there first train on meanwhile and are stopped at their next report if the
   group is stopped. Ray does not save scheduler state: the rung records are rebuilt from the trials' results.
+  Values are each report's `rung_score` (sweeps/report.py): with multi-fidelity rungs a low rung compares its own
+  cheaper metric, the same for every trial at that rung.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ray.tune.search import Searcher
 
 from p2core.errors import UserError
 
-from .report import GROUP_KEY, TrialReport, finite_or_inf
+from .report import GROUP_KEY, RUNG_SCORE, TrialReport, finite_or_inf
 
 TESTED_RAY = ("2.60.",)
 TESTED_OPTUNA = ("5.0.",)
@@ -62,7 +64,10 @@ class GroupASHA(FIFOScheduler):
     def __init__(self, metric: str, milestones, reduction_factor: float, seeds_per_group: int,
                  time_attr: str = "images_seen", history=None):
         super().__init__()
-        self._metric, self._mode = metric, "min"
+        # Tune checks that every result holds the scheduler's metric: rung_score is in every report, the sweep
+        # metric is not (a low rung of a multi-fidelity sweep computes only its own metric)
+        self._metric, self._mode = RUNG_SCORE, "min"
+        self.sweep_metric = metric
         self.milestones = sorted(int(m) for m in milestones)
         self.rf = float(reduction_factor)
         self.n_seeds = int(seeds_per_group)
@@ -97,7 +102,8 @@ class GroupASHA(FIFOScheduler):
         self.trials.setdefault(g, {})[trial.trial_id] = trial
         if result.get("diverged"):
             self.ended.setdefault(g, set()).add(trial.trial_id)
-        self.record(trial.trial_id, g, result.get(self.time_attr), result.get(self._metric))
+        value = result.get(RUNG_SCORE, result.get(self.sweep_metric))  # results of older versions: the metric
+        self.record(trial.trial_id, g, result.get(self.time_attr), value)
         return TrialScheduler.STOP if g in self.stopped else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict):
@@ -227,7 +233,8 @@ class GroupSearcher(Searcher):
     def __init__(self, space: dict, algorithm: str, num_samples: int, seeds: list, metric: str,
                  search_seed: int = 0, optuna_url: str = "", study_name: str = "", sweep_id: str = "",
                  max_concurrent: int = 0):
-        super().__init__(metric=metric, mode="min")
+        super().__init__(metric=RUNG_SCORE, mode="min")  # in every report (Tune checks); the sweep metric is not
+        self.sweep_metric = metric
         self.space, self.algorithm = space, algorithm
         self.seeds = list(seeds)
         self.search_seed = int(search_seed)
@@ -345,9 +352,9 @@ class GroupSearcher(Searcher):
             grp["told"] = False
         if self.algorithm != "optuna":
             return
-        rep = TrialReport.from_result(self.metric, result)
+        rep = TrialReport.from_result(self.sweep_metric, result)
         step = rep.images_seen
-        grp["steps"].setdefault(step, {})[seed] = rep.value
+        grp["steps"].setdefault(step, {})[seed] = rep.rung_value  # intermediate values: the rung's own metric
         if len(grp["steps"][step]) == len(self.seeds) and step not in grp["reported"]:
             grp["reported"].append(step)
             vals = list(grp["steps"][step].values())
@@ -364,9 +371,10 @@ class GroupSearcher(Searcher):
         if error or not result:
             grp["outcomes"][seed] = ("error", None)
         else:
-            rep = TrialReport.from_result(self.metric, result)
+            rep = TrialReport.from_result(self.sweep_metric, result)
             if rep.final:
-                grp["outcomes"][seed] = ("diverged" if rep.failed_value else "complete", rep.value)
+                value = math.inf if rep.value is None else rep.value  # the final point always has the sweep metric
+                grp["outcomes"][seed] = ("diverged" if rep.failed_value else "complete", value)
             else:
                 grp["outcomes"][seed] = ("stopped", rep.value)
         if len(grp["outcomes"]) == len(self.seeds):

@@ -10,7 +10,8 @@
       train.lr: {uniform: [1e-4, 3e-4]}
       model.num_res_blocks: {randint: [1, 3]}    # inclusive
     search: {algorithm: grid|random|optuna, num_samples: 1, max_concurrent: 0, seed: 0}
-    scheduler: {type: asha|none, grace_period_images: 2000, max_images: 0, reduction_factor: 3}
+    scheduler: {type: asha|none, grace_period_images: 2000, max_images: 0, reduction_factor: 3,
+                rung_metrics: [kid1k_ddim10]}   # multi-fidelity: rung k's own (cheaper) metric; the rest use `metric`
     seeds: [0]                          # replicates: every configuration runs once per seed (train.seed), same values
     resources: {cpu: 1, gpu: 0}
     max_failures: 1
@@ -49,6 +50,7 @@ class SweepSpec:
     grace_period_images: int = 0
     max_images: int = 0
     reduction_factor: int = 3
+    rung_metrics: list = field(default_factory=list)  # metric of rung 1, 2, ... (milestones); later rungs: `metric`
     seeds: list = field(default_factory=lambda: [0])
     cpu: float = 1.0
     gpu: float = 0.0
@@ -77,6 +79,10 @@ class SweepSpec:
             out.append(int(r))
             r *= self.reduction_factor
         return out + [self.max_images]
+
+    def rung_metric_map(self) -> dict:
+        """{rung (images): its own metric} for the low rungs that have one."""
+        return dict(zip(self.milestones(), self.rung_metrics))
 
     def grid_size(self) -> int:
         n = 1
@@ -197,7 +203,8 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     sch = raw.get("scheduler") or {}
     _need(isinstance(sch, dict), "scheduler", "expected a mapping")
     for k in sch:
-        _need(k in ("type", "grace_period_images", "max_images", "reduction_factor"), f"scheduler.{k}", "unknown key")
+        _need(k in ("type", "grace_period_images", "max_images", "reduction_factor", "rung_metrics"),
+              f"scheduler.{k}", "unknown key")
     stype = sch.get("type", "asha")
     _need(stype in ("asha", "none"), "scheduler.type", f"unknown scheduler {stype!r} (asha or none)")
     max_images = int(sch.get("max_images") or cfg.train.total_images)
@@ -207,6 +214,23 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     rf = sch.get("reduction_factor", 3)
     _need(isinstance(rf, int) and rf >= 2, "scheduler.reduction_factor", "must be an integer >= 2")
     _need(0 < grace <= max_images, "scheduler.grace_period_images", f"must be in (0, {max_images}]")
+    rung_metrics = sch.get("rung_metrics") or []
+    _need(isinstance(rung_metrics, list) and all(isinstance(m, str) for m in rung_metrics), "scheduler.rung_metrics",
+          "expected a list of metric names, one per rung from the lowest (e.g. [kid1k_ddim10, kid1k_ddim10])")
+    if rung_metrics:
+        _need(stype == "asha", "scheduler.rung_metrics", "needs scheduler.type: asha")
+        n_low = len(SweepSpec(name="", base={}, metric=metric, space={}, grace_period_images=grace,
+                              max_images=max_images, reduction_factor=rf).milestones())
+        _need(len(rung_metrics) <= n_low, "scheduler.rung_metrics",
+              f"{len(rung_metrics)} metrics for {n_low} rung(s) below the end of training "
+              f"(the end is always judged on `metric`)")
+        from p2core.metrics import check_metric_producible
+
+        for m in rung_metrics:
+            try:
+                check_metric_producible(m, cfg)
+            except ValueError as e:
+                raise UserError(f"scheduler.rung_metrics: {e}") from None
     seeds = raw.get("seeds", [cfg.train.seed])
     _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
           and len(set(seeds)) == len(seeds), "seeds", "expected a non-empty list of distinct integers")
@@ -234,7 +258,8 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     name = validate_name(raw.get("name") or "sweep", "name")
     return SweepSpec(name=name, base=base, metric=metric, space=space, algorithm=algo, num_samples=ns,
                      max_concurrent=mc, search_seed=sseed, scheduler=stype,
-                     grace_period_images=grace, max_images=max_images, reduction_factor=rf, seeds=seeds, cpu=cpu,
+                     grace_period_images=grace, max_images=max_images, reduction_factor=rf,
+                     rung_metrics=list(rung_metrics), seeds=seeds, cpu=cpu,
                      gpu=gpu, max_failures=mf, storage=str(raw.get("storage") or ""),
                      mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
                      cache_dir=str(tr.get("cache_dir") or ""), source_yaml=source, baselines=baselines)
@@ -253,6 +278,8 @@ def describe(spec: SweepSpec) -> str:
     lines.append(f"  seeds: {spec.seeds}; sampling specs evaluated at the end: {cfg.eval.sampling_steps}")
     if spec.scheduler == "asha":
         lines.append(f"  ASHA rungs (images): {spec.rungs()} (reduction factor {spec.reduction_factor})")
+        for r in spec.milestones():
+            lines.append(f"    rung {r}: judged on {spec.rung_metric_map().get(r, spec.metric)}")
     lines.append(f"  resources per trial: cpu {spec.cpu:g}, gpu {spec.gpu:g}; max_concurrent "
                  f"{spec.max_concurrent or 'unlimited'}; max_failures {spec.max_failures}")
     per_img = cfg.train.total_images

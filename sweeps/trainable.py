@@ -20,6 +20,7 @@ class TrialInfo:
     """What every trial of a sweep shares besides its own config (picklable, sent once with tune.with_parameters)."""
     metric: str
     rungs: list = field(default_factory=list)
+    rung_metrics: dict = field(default_factory=dict)  # rung (images) -> its cheaper metric (multi-fidelity ASHA)
     cpu: float = 1.0
     cache_dir: str = ""
 
@@ -50,17 +51,19 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     out_dir = os.path.join(tune.get_context().get_trial_dir(), "p2")
     node_ip = ray.util.get_node_ip_address()  # 127.0.0.1 for the embedded local Ray (tests check it)
     pending_log: list = []
-    last = {"value": None}
 
     class Hooks:
         def on_log(self, trainer, rec):
             pending_log.append({k: v for k, v in rec.items() if k != "kind"})
 
         def on_eval(self, trainer, rec):
-            evals = {k: v for k, v in rec.items() if k not in ("images_seen", "final", "kind")}
-            if info.metric in rec:
-                last["value"] = rec[info.metric]
-            rep = TrialReport.make(info.metric, last["value"], trainer.images_seen, final=bool(rec.get("final")),
+            evals = {k: v for k, v in rec.items() if k not in ("images_seen", "final", "kind", "points")}
+            # a report answering a low rung is judged on that rung's metric (the highest such rung it answers)
+            low = [p for p in rec.get("points", []) if p in info.rung_metrics]
+            rung_metric = info.rung_metrics[max(low)] if low else info.metric
+            rep = TrialReport.make(info.metric, rec.get(info.metric), trainer.images_seen,
+                                   evaluated=info.metric in rec, rung_metric=rung_metric,
+                                   rung_value=rec.get(rung_metric), final=bool(rec.get("final")),
                                    evals=evals, train_log=list(pending_log), node_ip=node_ip)
             pending_log.clear()
             # The trainer's state goes straight into the Tune checkpoint (Tune keeps the best by the metric and the
@@ -70,7 +73,8 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
                 tune.report(rep.to_result(), checkpoint=tune.Checkpoint.from_directory(d))
 
     def make_trainer(resume_from=None):
-        return Trainer(cfg, out_dir, hooks=Hooks(), extra_eval_points=info.rungs, progress=False,
+        return Trainer(cfg, out_dir, hooks=Hooks(), extra_eval_points=info.rungs,
+                       point_metrics={r: [m] for r, m in info.rung_metrics.items()}, progress=False,
                        resume_from=resume_from, own_checkpoints=False)
 
     ck = tune.get_checkpoint()

@@ -281,3 +281,32 @@ def test_batched_clean_resize_equals_cleanfids_pil_loop(channels, h, w):
     assert got.shape == ref.shape == (3, 3, 299, 299) and got.dtype == np.float32
     assert np.abs(got - ref).max() < 1e-3
     assert ref.min() == 0 and ref.max() == 255  # the clip really happened in the reference
+
+
+def test_rung_metrics_are_computed_at_their_points_sharing_samples_within_a_spec(tmp_path):
+    import json
+
+    from p2core.sampling import generate
+    from p2core.trainer import Trainer
+
+    cfg = tiny_cfg(train={"total_images": 128, "eval_every_images": 0},
+                   eval={"enabled": True, "metrics": ["kid", "fid"]}, metric="rkid16_ddim5")
+    tr = Trainer(cfg, str(tmp_path), progress=False, extra_eval_points=[64],
+                 point_metrics={64: ["rkid8_ddim10", "rfid12_ddim5"]})
+    tr.run()
+    evs = [r for r in map(json.loads, open(tr.metrics_path)) if r.get("kind") == "eval"]
+    assert [r["images_seen"] for r in evs] == [64, 128]
+    low, end = evs
+    assert {k for k in low if k.startswith("r") and "_" in k and k[1:4] in ("kid", "fid")} == {"rkid8_ddim10",
+                                                                                                "rfid12_ddim5"}
+    assert low["points"] == [64] and low["gen_images_ddim10"] == 8 and low["gen_images_ddim5"] == 12
+    assert {"rkid16_ddim5", "rfid16_ddim5"} <= set(end) and "rkid8_ddim10" not in end
+    # one generation per spec, of the largest count: an n-sample metric uses the first n of those images
+    ev = tr.evaluator
+    res = ev.evaluate_model(tr.ema.model, ["ddim5"], seed=3, extra_metrics=["rkid8_ddim5"])
+    assert res["gen_images_ddim5"] == 16
+    imgs = generate(tr.ema.model, cfg.diffusion, "ddim5", 16, image_size=16, channels=1, batch_size=16, seed=3,
+                    bf16=False)
+    feats = E.extract_features(imgs, ev.extractor)
+    assert res["rkid8_ddim5"] == pytest.approx(E.kid_from_feats(feats[:8], ev.ref["feats"].astype(np.float64)))
+    assert res["rkid16_ddim5"] == pytest.approx(E.kid_from_feats(feats, ev.ref["feats"].astype(np.float64)))

@@ -103,7 +103,8 @@ def trials_of(storage, name):
 def faulty(tmp_path_factory, ray_session):
     """3 configurations x 2 seeds, two at a time so ASHA's order is fixed: lr 1e-3 (good), 0.3 (a bad arm that ASHA
     stops at the first rung), 2e-3 whose seed 1 diverges (NaN loss) before the first rung; every trial that passes
-    200 images crashes there once and is retried from its 128-image checkpoint. Two baseline rows."""
+    200 images crashes there once and is retried from its 128-image checkpoint. Two baseline rows. The rung at 128
+    images is judged on a cheaper metric (rkid24_ddim10) than the sweep metric (rkid32_ddim5)."""
     import torch
 
     from p2core.config import config_from_dict
@@ -118,7 +119,8 @@ def faulty(tmp_path_factory, ray_session):
     torch.save(torch.load(ck, weights_only=True)["ema"], os.path.join(tmp, "ema_0.9999_000064.pt"))
     base["train"]["total_images"] = 256  # rungs at 128 and 256 (reduction factor 2)
     p = sweep_file(tmp, "faulty", base=base, space={"train.lr": {"grid": [1.0e-3, 0.3, 2.0e-3]}}, seeds=[0, 1],
-                   scheduler={"type": "asha", "grace_period_images": 128, "reduction_factor": 2},
+                   scheduler={"type": "asha", "grace_period_images": 128, "reduction_factor": 2,
+                              "rung_metrics": ["rkid24_ddim10"]},  # multi-fidelity: rung 128 on its own metric
                    search={"algorithm": "grid", "max_concurrent": 2},
                    baselines=[{"name": "ours64", "checkpoint": ck},
                               {"name": "official_style", "checkpoint": "ema_0.9999_000064.pt"}])
@@ -155,6 +157,18 @@ def test_sweep_runs_replicates_with_retry_divergence_and_group_asha(faulty):
     assert not any(r.complete for r in rows if r.group in (bad[0].group, t[(2e-3, 0)].group))
     # every (trial, steps) pair of a full-length trial is in the results
     assert {"rkid32_ddim5", "rkid32_ddim10", "rfid32_ddim5", "rfid32_ddim10"} <= set(t[(1e-3, 0)].points[256])
+    # multi-fidelity: the 128-image rung computed only its own metric, and ASHA and the rows compared that one
+    # there; the sweep metric exists only at the end (history, `best`, the plots never mix the two)
+    for x in t.values():
+        if 128 in x.points and not x.diverged:
+            assert "rkid24_ddim10" in x.points[128] and M not in x.points[128]
+            assert x.points[128]["gen_images_ddim10"] == 24
+    assert [p for p, _ in t[(1e-3, 0)].history] == [256]
+    stopped = next(x for x in bad if x.state == "STOPPED" and x.images_seen == 128)
+    assert stopped.history == [] and stopped.latest is None
+    rr = [json.loads(x) for x in open(os.path.join(stopped.dir, "result.json"))]
+    assert rr[-1]["rung_metric"] == "rkid24_ddim10" and rr[-1]["ckpt_score"] == float("inf") and M not in rr[-1]
+    assert rr[-1]["rung_score"] == rr[-1]["rkid24_ddim10"]
     # checkpoints: the best by the sweep metric and the latest are kept (Tune's checkpoint folders only)
     good = t[(1e-3, 0)]
     assert not glob.glob(os.path.join(good.dir, "p2", "checkpoints", "*.pt"))
@@ -226,6 +240,10 @@ def test_status_best_export_checkpoint_and_compare(faulty, tmp_path):
     ({"space": {"diffusion.p2_k": {"grid": [-1.0]}}}, "space.diffusion.p2_k"),
     ({"metric": "fid10k_250"}, "metric"),
     ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
+    ({"scheduler": {"type": "asha", "grace_period_images": 128, "rung_metrics": ["rkid8_ddim5", "rkid8_ddim5"]}},
+     "2 metrics for 1 rung(s)"),
+    ({"scheduler": {"type": "asha", "rung_metrics": ["kid8_ddim5"]}}, "scheduler.rung_metrics: kid8_ddim5 needs eval.extractor"),
+    ({"scheduler": {"type": "asha", "rung_metrics": ["rkid8_ddim500"]}}, "scheduler.rung_metrics"),
     ({"search": {"algorithm": "optuna"}}, "grid"),
     ({"resources": {"cpu": 0}}, "resources.cpu"),
     ({"bogus": 1}, "bogus"),

@@ -439,3 +439,69 @@ def test_group_asha_ends_a_seed_only_when_its_retries_are_used_up():
     b.should_recover = lambda: False
     s.on_trial_error(None, b)  # out of retries: counts as +inf, the configuration is stopped
     assert s.stopped == {0: 100}
+
+
+# -- issue 12: multi-fidelity rungs -------------------------------------------------------------------------------
+
+def test_low_rung_report_carries_its_own_metric_and_never_ranks_as_the_sweep_metric(tmp_path):
+    from sweeps.report import TrialReport
+    from sweeps.results import load_trials, rung_history
+
+    low = TrialReport.make("fid10k_250", None, 100, evaluated=False, rung_metric="kid1k_ddim10", rung_value=0.07,
+                           evals={"kid1k_ddim10": 0.07})
+    r = low.to_result()
+    assert "fid10k_250" not in r and r["ckpt_score"] == math.inf and r["nonfinite_metric"] == 0
+    assert (r["rung_metric"], r["rung_score"]) == ("kid1k_ddim10", 0.07)
+    back = TrialReport.from_result("fid10k_250", r)
+    assert back.value is None and not back.evaluated and back.rung_value == 0.07 and not back.failed_value
+    top = TrialReport.make("fid10k_250", 12.5, 300, final=True, evals={"fid10k_250": 12.5}).to_result()
+    assert top["rung_metric"] == "fid10k_250" and top["rung_score"] == top["ckpt_score"] == 12.5
+    bad = TrialReport.make("fid10k_250", None, 100, evaluated=False, rung_metric="kid1k_ddim10",
+                           rung_value=float("nan")).to_result()
+    assert bad["rung_score"] == math.inf and bad["nonfinite_metric"] == 1
+    # the results reader: history and ranking see the sweep metric only; ASHA's rebuild sees the rung scores
+    d = tmp_path / "t1"
+    d.mkdir()
+    cfg = {"p2sweep_group": 0, "train.seed": 0}
+    with open(d / "result.json", "w") as f:
+        for i, x in enumerate((r, top)):
+            f.write(json.dumps({**x, "trial_id": "t1", "config": cfg, "reported_at": i}) + "\n")
+    (t,) = load_trials(str(tmp_path), "fid10k_250")
+    assert t.history == [(300, 12.5)] and t.points[100] == {"kid1k_ddim10": 0.07} and t.best == 12.5
+    assert rung_history(str(tmp_path), "fid10k_250") == [("t1", 0, 100, 0.07, False), ("t1", 0, 300, 12.5, False)]
+
+
+def test_group_asha_and_optuna_use_the_rung_score_at_low_rungs(tmp_path):
+    import optuna
+    from ray.tune.schedulers import TrialScheduler as TS
+
+    from sweeps.schedulers import GroupASHA, GroupSearcher
+
+    s = GroupASHA("m", [100], 3, seeds_per_group=1)
+    a, b = fake_trial("a", {"p2sweep_group": 0}), fake_trial("b", {"p2sweep_group": 1})
+    low = lambda v: {"rung_score": v, "rung_metric": "cheap", "ckpt_score": math.inf, "images_seen": 100}
+    assert s.on_trial_result(None, a, low(0.1)) == TS.CONTINUE
+    assert s.on_trial_result(None, b, low(0.9)) == TS.STOP  # judged on the cheap metric: no "m" at this rung
+    assert s.rung_means[100] == {0: pytest.approx(0.1), 1: pytest.approx(0.9)}
+    o = GroupSearcher({"diffusion.p2_gamma": ("uniform", [0.0, 2.0])}, "optuna", 2, [0], "m",
+                      optuna_url=f"sqlite:///{tmp_path}/o.db", study_name="s", sweep_id="i")
+    o.suggest("a"), o.suggest("b")
+    o.on_trial_result("a", low(0.1))
+    o.on_trial_complete("a", {"m": 5.0, "rung_score": 5.0, "images_seen": 300, "final": 1})
+    o.on_trial_complete("b", low(0.9))
+    done, pruned = o.study.get_trials()
+    assert done.state == optuna.trial.TrialState.COMPLETE and done.value == 5.0  # the top fidelity only
+    assert done.intermediate_values == {100: pytest.approx(0.1), 300: pytest.approx(5.0)}
+    assert pruned.state == optuna.trial.TrialState.PRUNED and pruned.intermediate_values == {100: pytest.approx(0.9)}
+
+
+def test_rung_metrics_map_to_the_low_rungs_and_show_in_the_dry_run():
+    from sweeps.spec import describe, parse_sweep
+
+    raw = smoke_raw(scheduler={"type": "asha", "grace_period_images": 32, "reduction_factor": 2,
+                               "rung_metrics": ["rkid8_ddim5", "rfid16_ddim10"]})
+    spec = parse_sweep(raw, os.path.join(ROOT, "search_spaces"))
+    assert spec.milestones() == [32, 64, 128, 256]
+    assert spec.rung_metric_map() == {32: "rkid8_ddim5", 64: "rfid16_ddim10"}
+    text = describe(spec)
+    assert "rung 32: judged on rkid8_ddim5" in text and "rung 128: judged on rkid32_ddim5" in text
