@@ -35,7 +35,8 @@ demo: install data
 	$(VENV)/bin/p2sweep best demo --storage $(CURDIR)/demo_out --export $(CURDIR)/demo_out/best.yaml
 
 test: install data
-	$(PY) -m pytest -q -m "not cluster" --durations=15
+	# two workers, one test file each (the Ray tests of a file share one local Ray)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not cluster" --durations=15
 
 # multi-process set-ups (a Ray head with token auth, ...): slower, run by CI after `make test`
 test-cluster: install data

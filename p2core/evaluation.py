@@ -243,7 +243,9 @@ def clean_resize_matrix(size_in: int, size_out: int = 299) -> np.ndarray:
         e[0, j] = 1.0
         row = Image.fromarray(e, mode="F").resize((size_out, 1), resample=Image.BICUBIC)
         cols.append(np.asarray(row, dtype=np.float64)[0])
-    return np.stack(cols, axis=1)
+    r = np.stack(cols, axis=1)
+    r.flags.writeable = False  # cached and shared: nobody may change it in place
+    return r
 
 
 def clean_resize_batch(images_uint8, device="cpu") -> torch.Tensor:

@@ -133,6 +133,8 @@ class Trainer:
         self.model.load_state_dict(obj["model"])
         self.ema.load_state_dict(obj["ema"])
         self.opt.load_state_dict(obj["optimizer"])
+        for g in self.opt.param_groups:  # a checkpoint of an older version restores fused=None: keep ours
+            g["fused"], g["foreach"] = self.opt.defaults["fused"], self.opt.defaults["foreach"]
         self.images_seen, self.step = int(obj["images_seen"]), int(obj["step"])
         self.epoch, self.pos = int(obj["data_state"]["epoch"]), int(obj["data_state"]["pos"])
         self._perm = None

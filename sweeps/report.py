@@ -62,7 +62,9 @@ class TrialReport:
         v, bad = finite_or_inf(value) if evaluated else (None, False)
         rv, rbad = finite_or_inf(rung_value) if rung_metric and rung_metric != metric else (v, bad)
         evals = {k: finite_or_inf(x)[0] for k, x in (kw.pop("evals", None) or {}).items()}
-        return cls(metric=metric, value=v, images_seen=int(images_seen), nonfinite_metric=bad or rbad, evals=evals,
+        # nonfinite_metric: the sweep metric where it was evaluated, else the rung's own metric
+        return cls(metric=metric, value=v, images_seen=int(images_seen), nonfinite_metric=bad if evaluated else rbad,
+                   evals=evals,
                    rung_metric=rung_metric or metric, rung_value=math.inf if rv is None else rv, **kw)
 
     @property

@@ -85,6 +85,7 @@ class Trial:
     checkpoints: dict = field(default_factory=dict)  # images_seen -> checkpoint directory still on disk
     diverged: bool = False
     node_ip: str = ""
+    last_rung: tuple = ()  # (images_seen, rung metric, rung score) of the last report: what ASHA judged last
 
     @property
     def params(self) -> dict:
@@ -132,7 +133,8 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             images_seen=max(last.images_seen if last else 0, int(st.get("images_seen", 0))),
             points={r.images_seen: dict(r.evals) for r in reps},
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
-            diverged=bool(last and last.diverged), node_ip=last.node_ip if last else ""))
+            diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
+            last_rung=(last.images_seen, last.rung_metric, last.rung_value) if last else ()))
     return trials
 
 
@@ -180,11 +182,19 @@ def _fmt(v):
 def status_rows(trials: list[Trial], metric: str):
     keys = sorted({k for t in trials for k in t.params})
     header = ["trial", "config", "seed"] + keys + ["state", "images", f"latest {metric}", f"best {metric}"]
+    # multi-fidelity: a trial stopped at a low rung has no sweep-metric value; say what it was judged on
+    low = any(t.last_rung and t.last_rung[1] != metric for t in trials)
+    if low:
+        header.append("last rung judged on")
     rows = []
     for t in trials:
         state = t.state + (" (kept; resume --retry-errored retries it)" if t.state == "ERROR" else "")
-        rows.append([t.trial_id, str(t.group), str(t.seed)] + [_fmt(t.params.get(k)) for k in keys] +
-                    [state, str(t.images_seen), _fmt(t.latest), _fmt(t.best)])
+        row = ([t.trial_id, str(t.group), str(t.seed)] + [_fmt(t.params.get(k)) for k in keys] +
+               [state, str(t.images_seen), _fmt(t.latest), _fmt(t.best)])
+        if low:
+            r = t.last_rung
+            row.append(f"{r[1]} = {_fmt(r[2])} at {r[0]}" if r and r[1] != metric else "-")
+        rows.append(row)
     return header, rows
 
 

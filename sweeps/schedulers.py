@@ -92,6 +92,13 @@ class GroupASHA(FIFOScheduler):
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
 
+    def __setstate__(self, state):
+        # a scheduler pickled by p2sweep before multi-fidelity rungs (tuner.pkl of a sweep resumed after an upgrade)
+        self.__dict__.update(state)
+        if "sweep_metric" not in state:
+            self.sweep_metric = state.get("_metric")
+            self._metric = RUNG_SCORE
+
     def on_trial_add(self, tune_controller, trial):
         self._seed()
         self.trials.setdefault(group_of(trial), {})[trial.trial_id] = trial
@@ -279,6 +286,13 @@ class GroupSearcher(Searcher):
         d = dict(self.__dict__)
         d["_study"] = None
         return d
+
+    def __setstate__(self, state):
+        # a searcher pickled by p2sweep before multi-fidelity rungs (tuner.pkl of a sweep resumed after an upgrade)
+        self.__dict__.update(state)
+        if "sweep_metric" not in state:
+            self.sweep_metric = state.get("_metric")
+            self._metric = RUNG_SCORE
 
     @property
     def study(self):

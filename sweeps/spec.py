@@ -224,6 +224,14 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
         _need(len(rung_metrics) <= n_low, "scheduler.rung_metrics",
               f"{len(rung_metrics)} metrics for {n_low} rung(s) below the end of training "
               f"(the end is always judged on `metric`)")
+        _need("train.batch_size" not in space, "scheduler.rung_metrics",
+              "cannot be combined with a searched train.batch_size (trials would reach the rungs at different points)")
+        lows = SweepSpec(name="", base={}, metric=metric, space={}, grace_period_images=grace,
+                         max_images=max_images, reduction_factor=rf).rungs()
+        for r, nxt, m in zip(lows, lows[1:], rung_metrics):
+            # one training step must not cross a cheap rung and the next point: one report would answer both
+            _need(nxt - r >= cfg.train.batch_size, "scheduler.rung_metrics",
+                  f"{m} at rung {r}: the next rung ({nxt}) is less than one batch ({cfg.train.batch_size}) away")
         from p2core.metrics import check_metric_producible
 
         for m in rung_metrics:

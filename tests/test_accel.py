@@ -102,7 +102,7 @@ def test_trainer_runs_each_setting_and_saves_plain_official_names(tmp_path, bf16
 
 def test_train_step_bench_runs_ours_alone_and_rejects_a_bad_official_path(tmp_path):
     bench = os.path.join(ROOT, "bench", "train_step.py")
-    r = subprocess.run([sys.executable, bench, "--only", "cpu_preset", "--repeats", "1", "--threads", "1",
+    r = subprocess.run([sys.executable, bench, "--only", "cpu_preset", "--repeats", "1", "--threads", "1", "--batch", "4",
                         "--bf16", "off"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.splitlines()[-1])

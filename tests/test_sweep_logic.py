@@ -505,3 +505,44 @@ def test_rung_metrics_map_to_the_low_rungs_and_show_in_the_dry_run():
     assert spec.rung_metric_map() == {32: "rkid8_ddim5", 64: "rfid16_ddim10"}
     text = describe(spec)
     assert "rung 32: judged on rkid8_ddim5" in text and "rung 128: judged on rkid32_ddim5" in text
+
+
+def test_scheduler_and_searcher_pickled_before_rung_scores_still_resume(tmp_path):
+    """tuner.pkl of a sweep started by an older p2sweep holds objects without `sweep_metric`."""
+    import pickle
+
+    from sweeps.schedulers import GroupASHA, GroupSearcher
+
+    s = GroupASHA("m", [100], 3, seeds_per_group=1)
+    state = s.__getstate__()
+    state.pop("sweep_metric")
+    state["_metric"] = "m"
+    old = GroupASHA.__new__(GroupASHA)
+    old.__setstate__(state)
+    assert (old.metric, old.sweep_metric) == ("rung_score", "m")
+    old.on_trial_result(None, fake_trial("a", {"p2sweep_group": 0}), {"m": 0.5, "images_seen": 100})
+    assert old.rung_means[100] == {0: 0.5}
+    o = GroupSearcher({"diffusion.p2_gamma": ("grid", [0.0])}, "grid", 1, [0], "m")
+    state = pickle.loads(pickle.dumps(o)).__dict__
+    state.pop("sweep_metric")
+    state["_metric"] = "m"
+    old = GroupSearcher.__new__(GroupSearcher)
+    old.__setstate__(state)
+    assert (old.metric, old.sweep_metric) == ("rung_score", "m")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"space": {"train.batch_size": {"grid": [16, 32]}}}, "searched train.batch_size"),
+    ({"scheduler": {"type": "asha", "grace_period_images": 16, "reduction_factor": 2,
+                    "rung_metrics": ["rkid8_ddim5"]}}, "less than one batch"),
+])
+def test_rung_metrics_refuse_rungs_a_step_could_merge(change, needle):
+    from p2core.errors import UserError
+    from sweeps.spec import parse_sweep
+
+    raw = smoke_raw(scheduler={"type": "asha", "grace_period_images": 128, "rung_metrics": ["rkid8_ddim5"]})
+    raw.update(change)
+    if "space" in change:
+        raw["space"] = {**smoke_raw()["space"], **change["space"]}
+    with pytest.raises(UserError, match=needle):
+        parse_sweep(raw, os.path.join(ROOT, "search_spaces"))

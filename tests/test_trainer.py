@@ -96,10 +96,11 @@ def test_leftover_check_matches_the_atomic_temp_file_names(tmp_path):
     assert leftover_temp_files(tmp_path) == [] and os.listdir(tmp_path) == ["ckpt_1.pt"]
 
 
-def test_resume_gives_the_same_loss_sequence(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_resume_gives_the_same_loss_sequence(tmp_path, monkeypatch, bf16):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    Trainer(tiny_cfg(), a, progress=False).run()
-    cfg = tiny_cfg()
+    Trainer(tiny_cfg(train={"bf16": bf16}), a, progress=False).run()
+    cfg = tiny_cfg(train={"bf16": bf16})
     crash_once_at(monkeypatch, 160)
     with pytest.raises(RuntimeError, match="injected crash"):
         Trainer(cfg, b, progress=False).run()
