@@ -13,14 +13,14 @@ Rounds alternate between before and after; medians. Prints one JSON line.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from timing import alternate  # noqa: E402  (bench/timing.py)
 
 from p2core import accel  # noqa: E402
 from p2core.config import load_config  # noqa: E402
@@ -29,30 +29,6 @@ from p2core.sampling import diffusion_for_spec  # noqa: E402
 from p2core.unet import model_from_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def alternate(fns: dict, device, rounds: int) -> dict:
-    """Median seconds of each function, calling them in turn `rounds` times after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(timed(fn, device))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def generation(cfg, batch, device, rounds):

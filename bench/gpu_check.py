@@ -31,6 +31,8 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from timing import sync  # noqa: E402  (bench/timing.py)
+
 RESULTS = []
 T0 = time.perf_counter()
 
@@ -43,11 +45,6 @@ def emit(part, **kw):
 
 def left(budget):
     return budget - (time.perf_counter() - T0)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # -- issue 13: training step ----------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ import platform
 import resource
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from timing import timed  # noqa: E402  (bench/timing.py)
 
 from p2core import accel  # noqa: E402
 from p2core.arch import parse_attention_resolutions, parse_channel_mult  # noqa: E402
@@ -149,19 +150,6 @@ class Official:
         self.opt.step()
         self.update_ema(self.ema_params, list(self.model.parameters()), rate=0.9999)
         return loss
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def run_config(name, kw, batch, device, args):

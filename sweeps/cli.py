@@ -4,7 +4,6 @@ once. User mistakes print one line and exit 2."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
