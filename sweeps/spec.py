@@ -291,7 +291,9 @@ def describe(spec: SweepSpec) -> str:
     lines.append(f"  resources per trial: cpu {spec.cpu:g}, gpu {spec.gpu:g}; max_concurrent "
                  f"{spec.max_concurrent or 'unlimited'}; max_failures {spec.max_failures}")
     per_img = cfg.train.total_images
-    gen = generated_images(cfg, len(pts))
+    from p2core.metrics import parse_metric_name
+
+    gen = generated_images(cfg, len(pts), [parse_metric_name(m)[1] for m in spec.rung_metric_map().values()])
     lines.append(f"  configurations: {spec.num_configs()} x {len(spec.seeds)} seed(s) = trials: {n}; per trial at most "
                  f"{per_img} images trained, {len(pts)} evaluations at {pts}, {gen} images generated")
     for b in spec.baselines:

@@ -505,6 +505,8 @@ def test_rung_metrics_map_to_the_low_rungs_and_show_in_the_dry_run():
     assert spec.rung_metric_map() == {32: "rkid8_ddim5", 64: "rfid16_ddim10"}
     text = describe(spec)
     assert "rung 32: judged on rkid8_ddim5" in text and "rung 128: judged on rkid32_ddim5" in text
+    # evaluations at 32, 64, 128, 256 and the end (384: both specs): 8 + 16 + 32 + 32 + 2 x 32 images generated
+    assert "5 evaluations at [32, 64, 128, 256, 384], 152 images generated" in text
 
 
 def test_scheduler_and_searcher_pickled_before_rung_scores_still_resume(tmp_path):
