@@ -259,8 +259,8 @@ def clean_resize_batch(images_uint8, device="cpu") -> torch.Tensor:
     n, c, h, w = x.shape
     device = torch.device(device)
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    rh = torch.as_tensor(clean_resize_matrix(h), dtype=dtype, device=device)
-    rw = torch.as_tensor(clean_resize_matrix(w), dtype=dtype, device=device)
+    rh = torch.tensor(clean_resize_matrix(h), dtype=dtype, device=device)
+    rw = torch.tensor(clean_resize_matrix(w), dtype=dtype, device=device)
     xf = x.to(device=device, dtype=dtype)
     out = torch.matmul(torch.matmul(rh, xf), rw.T).clamp_(0, 255).to(torch.float32)  # [N, C, 299, 299]
     return out.expand(n, 3, *out.shape[2:]).contiguous() if c == 1 else out
