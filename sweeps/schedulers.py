@@ -56,6 +56,15 @@ def group_of(trial_or_config) -> int:
 
 # -- the scheduler -----------------------------------------------------------------------------------------------
 
+def _restore_state(obj, state: dict) -> None:
+    """Unpickling of GroupASHA / GroupSearcher; one pickled by p2sweep before multi-fidelity rungs (the tuner.pkl of a
+    sweep resumed after an upgrade) declared the sweep metric to Tune: it becomes `sweep_metric`, Tune's is rung_score."""
+    obj.__dict__.update(state)
+    if "sweep_metric" not in state:
+        obj.sweep_metric = state.get("_metric")
+        obj._metric = RUNG_SCORE
+
+
 class GroupASHA(FIFOScheduler):
     """ASHA over groups of seeds. `milestones`: rungs in images below max_images; `history`: a picklable callable
     returning [(trial_id, group, images_seen, value, ended)] in report order (to rebuild the rungs on resume;
@@ -93,11 +102,7 @@ class GroupASHA(FIFOScheduler):
         return True
 
     def __setstate__(self, state):
-        # a scheduler pickled by p2sweep before multi-fidelity rungs (tuner.pkl of a sweep resumed after an upgrade)
-        self.__dict__.update(state)
-        if "sweep_metric" not in state:
-            self.sweep_metric = state.get("_metric")
-            self._metric = RUNG_SCORE
+        _restore_state(self, state)
 
     def on_trial_add(self, tune_controller, trial):
         self._seed()
@@ -288,11 +293,7 @@ class GroupSearcher(Searcher):
         return d
 
     def __setstate__(self, state):
-        # a searcher pickled by p2sweep before multi-fidelity rungs (tuner.pkl of a sweep resumed after an upgrade)
-        self.__dict__.update(state)
-        if "sweep_metric" not in state:
-            self.sweep_metric = state.get("_metric")
-            self._metric = RUNG_SCORE
+        _restore_state(self, state)
 
     @property
     def study(self):
