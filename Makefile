@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: demo test test-cluster install data bench clean
+.PHONY: demo test test-cluster install data browser bench clean
 
 install: $(STAMP)
 
@@ -28,13 +28,20 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) or set data.path"; fi; \
 	fi
 
+# Debian's headless Chromium for the report and MLflow-view browser tests (they say why when it is missing)
+browser:
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq --no-install-recommends chromium || (apt-get update -qq && \
+	   apt-get install -y -qq --no-install-recommends chromium)) >/dev/null 2>&1 || echo "chromium not installed"; \
+	fi
+
 demo: install data
 	# a fresh sweep each time; the reference-statistics cache in demo_out/cache is kept
 	rm -rf demo_out/demo demo_out/mlflow.db demo_out/mlartifacts demo_out/optuna.db
 	$(VENV)/bin/p2sweep run search_spaces/demo.yaml --name demo --storage $(CURDIR)/demo_out
 	$(VENV)/bin/p2sweep best demo --storage $(CURDIR)/demo_out --export $(CURDIR)/demo_out/best.yaml
 
-test: install data
+test: install data browser
 	# two workers, one test file each (the Ray tests of a file share one local Ray)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not cluster" --durations=15
 

@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", default=None)
 
+    p = sub.add_parser("report", help="the sweep's answer as an HTML page, Markdown + PNGs and JSON")
+    p.add_argument("name")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--out", default=None, help="output folder (default <storage>/<name>/report)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow run")
+
     p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for a storage's tracking store")
     p.add_argument("name", nargs="?", default=None)
     p.add_argument("--storage", default=None)

@@ -23,7 +23,7 @@ from .report import GROUP_KEY, TrialReport
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
 
-def _read_results(path: str) -> list[dict]:
+def read_results(path: str) -> list[dict]:
     out = []
     if os.path.exists(path):
         with open(path) as f:
@@ -106,7 +106,7 @@ def load_trials(d: str, metric: str) -> list[Trial]:
     states = known_states(d)
     dirs = {}
     for rj in glob.glob(os.path.join(d, "*", "result.json")):
-        rows = _read_results(rj)
+        rows = read_results(rj)
         if rows:
             dirs[rows[0].get("trial_id")] = (os.path.dirname(rj), rows)
     ids = list(states) if states else sorted(dirs)
@@ -157,7 +157,7 @@ def rung_history(d: str, metric: str) -> list[tuple]:
     known = known_states(d)
     out = []
     for rj in glob.glob(os.path.join(d, "*", "result.json")):
-        for r in _read_results(rj):
+        for r in read_results(rj):
             if known and r.get("trial_id") not in known:
                 continue
             rep = TrialReport.from_result(metric, r)

@@ -135,6 +135,9 @@ def new_tuner(spec: SweepSpec, meta: SweepMeta):
         run_config=tune.RunConfig(
             name=meta.name, storage_path=meta.paths.storage, callbacks=[tracker],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            # the trial's own files (p2/: metrics.jsonl, sample grids, loss.png) reach the storage from any node, at
+            # every reported checkpoint; without it they stay in the node's /tmp/ray session
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             # the best checkpoint by the sweep metric and the latest (Tune always keeps the latest)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                     checkpoint_score_order="min"),

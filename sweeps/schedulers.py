@@ -446,3 +446,27 @@ class GroupSearcher(Searcher):
             optuna.trial.Trial(self.study, frozen._trial_id).report(min(value, _BIG), step)
         except Exception as e:  # an intermediate value is not worth ending the sweep for
             warnings.warn(f"Optuna: could not report to trial {number} ({str(e).splitlines()[0][:160]})")
+
+
+def param_importance(url: str, study_name: str, minimum: int) -> dict:
+    """Optuna's own parameter importance (its default evaluator) on the sweep's study, or a note saying why not.
+    The evaluator uses COMPLETE trials only; under ASHA most configurations end PRUNED."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=url)
+    except Exception as e:  # a missing or unreachable study: the report says so and goes on
+        return {"evaluator": "", "complete": 0, "values": {}, "note": f"parameter importance: no Optuna study ({e})"}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    name = "Optuna default evaluator"
+    if len(done) < minimum:
+        return {"evaluator": name, "complete": len(done), "values": {},
+                "note": f"parameter importance not shown: {len(done)} COMPLETE configuration(s) in the study, fewer "
+                        f"than {minimum} (Optuna's evaluator uses COMPLETE trials only; ASHA-pruned ones are left out)"}
+    try:
+        vals = optuna.importance.get_param_importances(study)
+    except Exception as e:
+        return {"evaluator": name, "complete": len(done), "values": {}, "note": f"parameter importance failed: {e}"}
+    return {"evaluator": name, "complete": len(done), "values": {k: float(v) for k, v in vals.items()},
+            "note": f"parameter importance: Optuna's default evaluator over {len(done)} COMPLETE configurations"}

@@ -147,6 +147,67 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _expected_trials(meta) -> int | None:
+    raw = meta.raw or {}
+    search = raw.get("search") or {}
+    n = int(search.get("num_samples", 1) or 1)
+    if search.get("algorithm", "grid") == "grid":
+        for v in (raw.get("space") or {}).values():
+            if isinstance(v, dict) and "grid" in v:
+                n *= len(v["grid"])
+    return n * len(meta.seeds)
+
+
+def _provenance(meta) -> dict:
+    """The versions and git commit the sweep ran with (its parent MLflow run), or those of this process."""
+    try:
+        from .tracking import client
+
+        p = client(meta.paths.mlflow_uri).get_run(meta.parent_run_id).data.params
+        out = {k: v for k, v in p.items() if k.startswith("version.") or k == "git_commit"}
+        if out:
+            return out
+    except Exception as e:
+        print(f"p2sweep: warning: MLflow at {meta.paths.mlflow_uri} not readable ({str(e).splitlines()[0][:120]}); "
+              "provenance is that of this process", file=sys.stderr)
+    from .runner import provenance
+
+    return {**provenance(), "note": "at report time (the sweep's MLflow run was not readable)"}
+
+
+def cmd_report(args) -> int:
+    from . import report_page
+    from .baselines import load_results
+
+    meta, trials = _trials(args.name, args.storage)
+    if not trials:
+        raise UserError(f"sweep {args.name!r} has no trial yet: nothing to report")
+    importance = None
+    if (meta.raw.get("search") or {}).get("algorithm") == "optuna":
+        from .schedulers import param_importance
+
+        importance = param_importance(meta.paths.optuna_storage, meta.study_name,
+                                      report_page.MIN_IMPORTANCE_TRIALS)
+    data = report_page.collect(meta, trials, provenance=_provenance(meta), baselines=load_results(meta.dir),
+                               importance=importance, expected_trials=_expected_trials(meta))
+    out = args.out or os.path.join(meta.dir, "report")
+    paths = report_page.write_report(out, data, trials)
+    for c in data["comparisons"]:
+        if c["images_seen"] == max(x["images_seen"] for x in data["comparisons"] if x["arm"] == c["arm"]
+                                   and x["metric"] == c["metric"]) and c["metric"] == meta.metric:
+            print(c["sentence"])
+    print(f"report ({data['sweep']['state']}): {paths['html']}  (also report.md, report.json, figures/)")
+    if not args.no_mlflow:
+        try:
+            from .tracking import client
+
+            client(meta.paths.mlflow_uri).log_artifacts(meta.parent_run_id, paths["dir"], "report")
+            print(f"logged to MLflow run {meta.parent_run_id} under report/")
+        except Exception as e:
+            print(f"p2sweep: warning: report not logged to MLflow ({str(e).splitlines()[0][:160]})", file=sys.stderr)
+    return 0
+
+
 def cmd_ui(args) -> int:
     import shutil
     import subprocess

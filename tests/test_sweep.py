@@ -234,6 +234,49 @@ def test_status_best_export_checkpoint_and_compare(faulty, tmp_path):
         assert r.returncode == 2 and "nosuch" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_report_equals_best_and_is_one_self_contained_page(faulty, tmp_path):
+    """`p2sweep report`: its table numbers are the ones `best` prints, every figure is embedded, the Markdown's
+    images exist, report.json is strict JSON, and the report is logged to the sweep's parent MLflow run."""
+    st = faulty["storage"]
+    out = tmp_path / "rep"
+    r = cli("report", "faulty", "--storage", st, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "report (finished)" in r.stdout
+    data = json.loads((out / "report.json").read_text())  # strict: no NaN/Infinity tokens
+    best = cli("best", "faulty", "--storage", st)
+    printed = {}
+    for line in best.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|") if c.strip()] if "|" in line else line.split()
+        if len(cells) > 6 and cells[0].isdigit():
+            printed[(int(cells[0]), cells[2])] = (cells[4], cells[6])  # (config, steps) -> (mean, seeds)
+    assert printed, best.stdout
+    rows = [(name.split("_")[-1], row) for name, rs in data["tables"].items() for row in rs]
+    assert len(rows) == len(printed)
+    for spec, row in rows:
+        mean, seeds = printed[(row["group"], spec)]
+        assert (f"{row['mean']:.5g}" if row["mean"] != "inf" else "inf") == mean
+        assert seeds.startswith(f"{row['n']}/{row['seeds_expected']}")
+    # per-seed values sit under every aggregate; the diverged seed's lost value never enters a mean
+    good = next(row for row in data["tables"][M] if row["complete"])
+    assert len(good["values"]) == 2 and good["mean"] == pytest.approx(sum(good["values"]) / 2)
+    assert data["sweep"]["states"].get("DIVERGED") == 1 and data["stops"]
+    assert data["cost"]["total"]["images_trained"] == sum(t.images_seen for t in trials_of(st, "faulty"))
+    assert data["cost"]["total"]["images_generated"] > 0 and data["cost"]["total"]["feature_seconds"] > 0
+    html_text = (out / "report.html").read_text()
+    assert "src=\"figures" not in html_text and html_text.count("data:image/png;base64,") >= 4
+    assert (out / "report.html").stat().st_size < 1_000_000
+    md = (out / "report.md").read_text()
+    for target in __import__("re").findall(r"\]\((figures/[^)]+)\)", md):
+        assert (out / target).is_file(), target
+    assert "figures/grid_" in md  # sample grids reached the storage (sync_artifacts) and the report
+    c, runs = mlflow_runs(st, "faulty")
+    parent = next(x for x in runs if x.data.tags.get("p2sweep.role") == "sweep")
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/report.json"} <= arts
+    r = cli("report", "nosuch", "--storage", st)
+    assert r.returncode == 2 and "nosuch" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"space": {"diffusion.p2_gama": {"grid": [0]}}}, "space.diffusion.p2_gama"),
     ({"space": {"diffusion.p2_k": {"between": [0, 1]}}}, "unknown value kind"),

@@ -1,0 +1,276 @@
+"""The numbers of a sweep report (no Ray, no plotting): arms, curves over seeds, paired comparisons against the
+baseline arm, loss per SNR phase, cost. Pure functions of the trials that `results.load_trials` reads.
+
+Statistics: a comparison pairs the seeds two arms share at the same point in training and gives the mean
+difference with a two-sided 95% Student t-interval over the paired differences (n - 1 degrees of freedom). With
+3 seeds that is 2 degrees of freedom (t = 4.303): wide, but honest; a bootstrap over 3 values is degenerate.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+
+from p2core.metrics import is_metric_name, parse_metric_name
+
+from .results import Trial, read_results
+
+GAMMA, K, SCHEDULE = "diffusion.p2_gamma", "diffusion.p2_k", "diffusion.noise_schedule"
+PHASE_NAMES = ("coarse", "content", "cleanup")  # p2core.trainer.PHASES: SNR < 1e-2, 1e-2..1, > 1
+
+
+def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the two-sided Student t-interval of the mean; low/high are NaN below 2 values."""
+    from scipy.stats import t
+
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    m = statistics.fmean(vals)
+    if n < 2:
+        return m, math.nan, math.nan
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(vals) / math.sqrt(n)
+    return m, m - half, m + half
+
+
+@dataclass
+class Comparison:
+    """An arm against its baseline arm on one metric at one point: diff = arm - baseline, paired by seed."""
+    metric: str
+    arm: int
+    baseline: int
+    images_seen: int
+    seeds: list
+    arm_values: list
+    baseline_values: list
+    diff: float
+    low: float
+    high: float
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def distinguishable(self) -> bool:
+        return self.n >= 2 and math.isfinite(self.low) and (self.low > 0 or self.high < 0)
+
+    def sentence(self, arm_label: str, lower_is_better: bool = True) -> str:
+        kind, n, spec = parse_metric_name(self.metric)
+        what = f"{kind.upper()}-{n} ({spec})"
+        if self.n < 2:
+            return (f"{arm_label}: {what} {self.diff:+.3g} against the baseline with {self.n} paired seed at "
+                    f"{self.images_seen:,} images: no interval (at least 2 seeds are needed)")
+        better = self.diff < 0 if lower_is_better else self.diff > 0
+        word = "lower" if self.diff < 0 else "higher"
+        # the interval of the size of the difference in the direction the sentence names
+        ci = f"[{-self.high:.3g}, {-self.low:.3g}]" if self.diff < 0 else f"[{self.low:.3g}, {self.high:.3g}]"
+        s = (f"{arm_label}: {what} {word} than the baseline by {abs(self.diff):.3g} {ci} (95% t-interval), "
+             f"{self.n} seeds, at {self.images_seen:,} images")
+        if not self.distinguishable:
+            return s + ": not distinguishable from seed noise"
+        return s + (": better than the baseline" if better else ": worse than the baseline")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "n": self.n, "distinguishable": self.distinguishable}
+
+
+def groups_of(trials: list[Trial]) -> dict:
+    """{group: [trials]} in group order."""
+    out: dict = {}
+    for t in sorted(trials, key=lambda t: (t.group, t.seed)):
+        out.setdefault(t.group, []).append(t)
+    return out
+
+
+def baseline_of(params: dict, all_params: dict) -> int | None:
+    """The group of the baseline arm of `params`: p2_gamma = 0 and every other swept value equal (p2_k aside: it
+    does nothing at gamma 0). None when the arm is a baseline itself or none was swept."""
+    if GAMMA not in params or float(params[GAMMA]) == 0.0:
+        return None
+    rest = {k: v for k, v in params.items() if k not in (GAMMA, K)}
+    for g, p in all_params.items():
+        if GAMMA in p and float(p[GAMMA]) == 0.0 and {k: v for k, v in p.items() if k not in (GAMMA, K)} == rest:
+            return g
+    return None
+
+
+def arm_label(params: dict, base: dict) -> str:
+    """'P2 gamma=1, k=1, linear' / 'baseline (gamma=0), cosine', then any other swept value."""
+    d = base.get("diffusion", {})
+    gamma = float(params.get(GAMMA, d.get("p2_gamma", 0.0)))
+    k = float(params.get(K, d.get("p2_k", 1.0)))
+    sched = params.get(SCHEDULE, d.get("noise_schedule", ""))
+    if d.get("weighting", "p2") != "p2" and GAMMA not in params:
+        head = str(d.get("weighting"))
+    else:
+        head = "baseline (gamma=0)" if gamma == 0 else f"P2 gamma={gamma:g}, k={k:g}"
+    rest = [f"{k_.split('.')[-1]}={v}" for k_, v in sorted(params.items()) if k_ not in (GAMMA, K, SCHEDULE)]
+    return ", ".join([head, str(sched)] + rest)
+
+
+def family(trials: list[Trial], metric: str) -> list[str]:
+    """The metric names of the sweep metric's family (same kind and sample count: one per sampling spec)."""
+    kind, n, _ = parse_metric_name(metric)
+    names = {k for t in trials for ev in t.points.values() for k in ev
+             if is_metric_name(k) and parse_metric_name(k)[:2] == (kind, n)}
+    return sorted(names, key=lambda k: (k != metric, k))
+
+
+def curve(trials: list[Trial], name: str) -> list[dict]:
+    """[{images_seen, mean, min, max, seeds, values}] of one configuration's seeds, at each point where any seed has
+    a finite `name` (the mean is over the seeds present there)."""
+    pts: dict = {}
+    for t in trials:
+        for p, ev in t.points.items():
+            v = ev.get(name)
+            if v is not None and math.isfinite(v):
+                pts.setdefault(p, []).append((t.seed, v))
+    out = []
+    for p in sorted(pts):
+        sv = sorted(pts[p])
+        vals = [v for _, v in sv]
+        out.append({"images_seen": p, "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals),
+                    "seeds": [s for s, _ in sv], "values": vals})
+    return out
+
+
+def compare(arm_trials: list[Trial], base_trials: list[Trial], name: str, arm: int, base: int) -> list[Comparison]:
+    """One paired comparison per point in training where both arms have `name` for at least one shared seed."""
+    a = {(t.seed, p): ev[name] for t in arm_trials for p, ev in t.points.items() if name in ev}
+    b = {(t.seed, p): ev[name] for t in base_trials for p, ev in t.points.items() if name in ev}
+    out = []
+    for p in sorted({p for _, p in a} & {p for _, p in b}):
+        seeds = sorted(s for s, q in a if q == p and (s, p) in b and math.isfinite(a[s, p]) and math.isfinite(b[s, p]))
+        if not seeds:
+            continue
+        av, bv = [a[s, p] for s in seeds], [b[s, p] for s in seeds]
+        m, lo, hi = t_interval([x - y for x, y in zip(av, bv)])
+        out.append(Comparison(name, arm, base, p, seeds, av, bv, m, lo, hi))
+    return out
+
+
+@dataclass
+class TrialCost:
+    trial_id: str
+    group: int
+    seed: int
+    state: str
+    node: str
+    images_trained: int
+    images_generated: int = 0          # for evaluation (all sampling specs and points)
+    image_steps: int = 0               # images x sampling steps
+    images_featurised: int = 0
+    train_seconds: float = 0.0         # the trial's wall time minus its evaluations
+    sample_seconds: float = 0.0
+    feature_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+
+def _steps_of(spec: str) -> int:
+    s = spec.split(",")[0]
+    return int(s[4:]) if s.startswith("ddim") else sum(int(x) for x in spec.split(","))
+
+
+def trial_rows(t: Trial) -> list[dict]:
+    """The trial's reports (result.json), one per point in training (a resumed trial's later report wins)."""
+    import os
+
+    by_point: dict = {}
+    for r in read_results(os.path.join(t.dir, "result.json")) if t.dir else []:
+        by_point[int(r.get("images_seen", 0) or 0)] = r
+    return [by_point[k] for k in sorted(by_point)]
+
+
+def trial_cost(t: Trial, rows: list[dict]) -> TrialCost:
+    c = TrialCost(t.trial_id, t.group, t.seed, t.state, t.node_ip, t.images_seen)
+    for r in rows:
+        for k, v in r.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if k.startswith("gen_images_"):
+                c.images_generated += int(v)
+                c.image_steps += int(v) * _steps_of(k[len("gen_images_"):])
+            elif k.startswith("gen_seconds_"):
+                c.sample_seconds += v
+            elif k.startswith("feat_seconds_"):
+                c.feature_seconds += v
+            elif k == "eval_seconds":
+                c.eval_seconds += v
+        c.images_featurised += sum(int(v) for k, v in r.items() if k.startswith("gen_images_")
+                                   and isinstance(v, (int, float)))
+    if rows:
+        c.wall_seconds = float(rows[-1].get("time_total_s", 0.0) or 0.0)
+    c.train_seconds = max(0.0, c.wall_seconds - c.eval_seconds)
+    return c
+
+
+def phase_losses(rows: list[dict]) -> list[dict]:
+    """[{images_seen, coarse, content, cleanup}] from the training log records the reports carry: the training
+    loss (as weighted by the arm's own weighting) per SNR phase."""
+    import json
+
+    by_point: dict = {}
+    for r in rows:
+        try:
+            log = json.loads(r.get("train_log") or "[]")
+        except (TypeError, ValueError):
+            continue
+        for rec in log:
+            vals = {p: rec.get(f"loss_{p}") for p in PHASE_NAMES}
+            if "images_seen" in rec and any(v is not None for v in vals.values()):
+                by_point[int(rec["images_seen"])] = vals
+    return [{"images_seen": p, **by_point[p]} for p in sorted(by_point)]
+
+
+def mean_phase_curve(per_seed: list[list[dict]]) -> list[dict]:
+    """Mean over seeds at the log points every seed has."""
+    if not per_seed:
+        return []
+    common = set.intersection(*[{r["images_seen"] for r in s} for s in per_seed]) if per_seed else set()
+    out = []
+    for p in sorted(common):
+        row = {"images_seen": p}
+        for ph in PHASE_NAMES:
+            vals = [r[ph] for s in per_seed for r in s if r["images_seen"] == p and r.get(ph) is not None]
+            row[ph] = statistics.fmean(vals) if vals else None
+        out.append(row)
+    return out
+
+
+@dataclass
+class CostSummary:
+    trials: list = field(default_factory=list)
+    images_trained: int = 0
+    images_if_all_to_end: int = 0
+    images_generated: int = 0
+    image_steps: int = 0
+    images_featurised: int = 0
+    train_seconds: float = 0.0
+    sample_seconds: float = 0.0
+    feature_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def early_stop_saved(self) -> float:
+        """The fraction of training images that early stopping saved against every trial trained to the end."""
+        if not self.images_if_all_to_end:
+            return 0.0
+        return 1.0 - self.images_trained / self.images_if_all_to_end
+
+
+def cost_summary(costs: list[TrialCost], max_images: int) -> CostSummary:
+    s = CostSummary(trials=costs)
+    for c in costs:
+        s.images_trained += c.images_trained
+        s.images_generated += c.images_generated
+        s.image_steps += c.image_steps
+        s.images_featurised += c.images_featurised
+        s.train_seconds += c.train_seconds
+        s.sample_seconds += c.sample_seconds
+        s.feature_seconds += c.feature_seconds
+        s.wall_seconds += c.wall_seconds
+    s.images_if_all_to_end = max_images * len(costs)
+    return s
