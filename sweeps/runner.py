@@ -317,7 +317,7 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
     from p2core.config import config_from_dict
 
     from .plots import plot_history
-    from .tracking import Retrying, client, reconcile, write_pending
+    from .tracking import Retrying, client, reconcile, set_sweep_view, write_pending
 
     trials = R.load_trials(meta.dir, meta.metric)
     states = R.known_states(meta.dir)
@@ -334,6 +334,9 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
             png = plot_history(os.path.join(tmp, "metric_vs_images.png"), {meta.name: trials}, meta.metric)
             if png:
                 c.log_artifact(meta.parent_run_id, png)
+        exp = c.get_experiment_by_name(meta.experiment)
+        if exp is not None:  # the comparison view that `p2sweep ui` opens, also for a tracking server's own UI
+            set_sweep_view(c, exp.experiment_id, meta, trials)
         # An interrupted sweep (Ctrl-C, --time-budget) is KILLED until `p2sweep resume` reopens it.
         c.set_terminated(meta.parent_run_id, "KILLED" if interrupted or left else "FINISHED")
     except Exception as e:  # the sweep's results are safe in the storage; MLflow catches up on the next resume

@@ -2,6 +2,7 @@
 Ray is imported only by run/resume, after `ray_env.prepare` has set what Ray must see at import time."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -120,20 +121,50 @@ def cmd_best(args) -> int:
     return 0
 
 
+def compare_table(sweeps: dict) -> tuple[list, list]:
+    """One row per (sweep, configuration): the swept parameters and the metric at each sampling spec as columns
+    ("mean +- std (counted/expected seeds)"), the best configuration first by each sweep's own metric (as the MLflow
+    view `p2sweep ui` opens); then the baseline rows. `sweeps`: {name: (meta, trials)}."""
+    keys, names, out, base_rows = [], [], [], []
+    for name, (meta, trials) in sweeps.items():
+        rows = R.group_rows(trials, meta.metric, meta.max_images, len(meta.seeds))
+        for k in sorted({k for r in rows for k in r.config}):
+            if k not in keys:
+                keys.append(k)
+        for m in [meta.metric] + sorted({r.metric for r in rows}):
+            if m not in names:
+                names.append(m)
+        by_group: dict = {}
+        for r in rows:
+            by_group.setdefault(r.group, {})[r.metric] = r
+        for g, ms in by_group.items():
+            first = next(iter(ms.values()))
+            own = ms.get(meta.metric)
+            key = (own is None or not own.complete, own.mean if own is not None else math.inf)
+            out.append((key, name, g, first.config, ms))
+        for bname, m, v in _baseline_rows(meta):
+            base_rows.append((name, bname, m, v))
+    out.sort(key=lambda x: x[0])
+    header = ["sweep", "config"] + keys + names + ["complete"]
+    table = []
+    for _, name, g, config, ms in out:
+        cells = []
+        for m in names:
+            r = ms.get(m)
+            cells.append("-" if r is None else f"{r.mean:.5g} +- {r.std:.2g} ({_seeds_cell(r)}, {r.images_seen} img)")
+        table.append([name, str(g)] + [str(config.get(k, "-")) for k in keys] + cells +
+                     ["yes" if all(r.complete for r in ms.values()) else "no"])
+    for name, bname, m, v in base_rows:
+        table.append([name, f"baseline {bname}"] + ["-"] * len(keys) +
+                     [f"{v:.5g}" if x == m else "-" for x in names] + ["baseline"])
+    return header, table
+
+
 def cmd_compare(args) -> int:
     from .plots import plot_history
 
-    table, all_trials = [], {}
-    for name in args.names:
-        meta, trials = _trials(name, args.storage)
-        all_trials[name] = trials
-        for r in R.group_rows(trials, meta.metric, meta.max_images, len(meta.seeds)):
-            cfg = ", ".join(f"{k}={v}" for k, v in sorted(r.config.items()))
-            table.append([name, cfg, r.metric, str(r.images_seen), f"{r.mean:.5g}", f"{r.std:.3g}", _seeds_cell(r),
-                          "yes" if r.complete else "no"])
-        for bname, m, v in _baseline_rows(meta):
-            table.append([name, f"baseline {bname}", m, "-", f"{v:.5g}", "-", "1", "baseline"])
-    header = ["sweep", "config", "metric", "images", "mean", "std", "seeds", "complete"]
+    sweeps = {name: _trials(name, args.storage) for name in args.names}
+    header, table = compare_table(sweeps)
     print(format_table(header, table))
     if args.csv:
         import csv
@@ -142,7 +173,7 @@ def cmd_compare(args) -> int:
 
         atomic_write(args.csv, lambda f: csv.writer(f).writerows([header] + table), binary=False)
     plot = args.plot or "compare.png"
-    if plot_history(plot, all_trials, "metric"):
+    if plot_history(plot, {name: trials for name, (_, trials) in sweeps.items()}, "metric"):
         print(f"plot: {plot}")
     return 0
 
@@ -221,11 +252,17 @@ def cmd_ui(args) -> int:
     if args.name:
         meta = load_meta(args.name, args.storage)
         uri = meta.paths.mlflow_uri
-        from .tracking import client
+        from .tracking import client, set_sweep_view
 
-        exp = client(uri).get_experiment_by_name(meta.experiment)
+        c = client(uri)
+        exp = c.get_experiment_by_name(meta.experiment)
         if exp is not None:
-            exp_path = f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            exp_path = f"#/experiments/{exp.experiment_id}/runs"
+            try:
+                exp_path = set_sweep_view(c, exp.experiment_id, meta, R.load_trials(meta.dir, meta.metric))
+            except Exception as e:  # the plain runs page still works
+                print(f"p2sweep: warning: comparison view not written ({str(e).splitlines()[0][:160]})",
+                      file=sys.stderr)
     elif not os.path.exists(os.path.join(storage, "mlflow.db")):
         raise UserError(f"no MLflow database in {storage}")
     mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")

@@ -350,3 +350,53 @@ def log_baseline(uri: str, experiment: str, parent_id: str, b: dict, cfg, res: d
     c.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in finite_metrics(res).items()])
     c.set_terminated(rid, "FINISHED")
     return rid
+
+
+# -- the view `p2sweep ui` opens --------------------------------------------------------------------------------------
+
+VIEW_KEY = "p2sweep"  # experiment tag mlflow.sharedViewState.p2sweep; the address carries viewStateShareKey=p2sweep
+
+
+def compare_view_state(metric: str, params: list, metrics: list) -> dict:
+    """The runs-page state (MLflow 3.x UI) of a sweep's comparison: its trials flat (a filter on the trial tag; sorting
+    by a metric is what lists child runs flat instead of folded under the parent), sorted by the sweep metric, best
+    first, with the swept parameters, the seed and the metric at every sampling spec as columns, every run in charts."""
+    col = lambda kind, name: f"{kind}.`{name}`"  # the UI's column key format
+    cols = ([col("params", p) for p in params] + [col("params", "train.seed")] +
+            [col("metrics", m) for m in metrics])
+    return {"searchFilter": f"tags.`{ROLE}` = 'trial'", "orderByKey": col("metrics", metric), "orderByAsc": True,
+            "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+            "selectedColumns": cols, "columnOrder": cols, "runsHiddenMode": "SHOW_ALL",
+            "hideEmptyCharts": True, "useGroupedValuesInCharts": False}
+
+
+def set_compare_view(c, experiment_id: str, metric: str, params: list, metrics: list, name: str = "") -> str:
+    """Write the view as the experiment tag the runs page loads from `?viewStateShareKey=p2sweep`; returns the page's
+    address path. Stored as the UI's own saved-view envelope ({name, createdAt, state}), so it is listed among the
+    experiment's saved views too."""
+    state = json.dumps(compare_view_state(metric, params, metrics))
+    env = {"name": name or f"p2sweep: trials by {metric}", "createdAt": int(time.time() * 1000),
+           "updatedAt": int(time.time() * 1000), "state": state}
+    value = json.dumps(env)
+    if len(value) > 20000:  # the tracking store's tag-value limit
+        raise ValueError(f"view state of {len(value)} characters is over MLflow's 20,000")
+    c.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", value)
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+def view_columns(meta, trials) -> tuple[list, list]:
+    """(swept parameters, metric names): the sweep metric's family (one per sampling spec) first, then the other
+    metrics the trials evaluated (FID beside KID, rung metrics)."""
+    from p2core.metrics import is_metric_name
+
+    from .analysis import family
+
+    params = sorted((meta.raw or {}).get("space") or {})
+    fam = family(trials, meta.metric) or [meta.metric]
+    other = sorted({k for t in trials for ev in t.points.values() for k in ev if is_metric_name(k)} - set(fam))
+    return params, fam + other
+
+
+def set_sweep_view(c, experiment_id: str, meta, trials) -> str:
+    params, metrics = view_columns(meta, trials)
+    return set_compare_view(c, experiment_id, meta.metric, params, metrics)

@@ -207,6 +207,11 @@ def test_mlflow_one_run_per_replicate_with_states(faulty):
     assert {"results.csv", "sweep.yaml", "metric_vs_images.png"} <= {a.path for a in c.list_artifacts(p.info.run_id)}
     exp = c.get_experiment_by_name("faulty")
     assert exp.artifact_location.startswith(os.path.join(faulty["storage"], "mlartifacts"))
+    # the comparison view `p2sweep ui` opens (and a tracking server's own UI lists): the trials flat by the metric
+    view = json.loads(json.loads(exp.tags["mlflow.sharedViewState.p2sweep"])["state"])
+    assert view["orderByKey"] == f"metrics.`{M}`" and view["searchFilter"] == "tags.`p2sweep.role` = 'trial'"
+    assert view["selectedColumns"][:4] == ["params.`train.lr`", "params.`train.seed`", f"metrics.`{M}`",
+                                           "metrics.`rkid32_ddim10`"]
 
 
 def test_status_best_export_checkpoint_and_compare(faulty, tmp_path):
