@@ -47,6 +47,8 @@ class Comparison:
     diff: float
     low: float
     high: float
+    seeds_expected: int = 0
+    nonfinite: int = 0   # seeds of either arm whose value at this point was NaN/inf (diverged): not paired
 
     @property
     def n(self) -> int:
@@ -66,8 +68,11 @@ class Comparison:
         word = "lower" if self.diff < 0 else "higher"
         # the interval of the size of the difference in the direction the sentence names
         ci = f"[{-self.high:.3g}, {-self.low:.3g}]" if self.diff < 0 else f"[{self.low:.3g}, {self.high:.3g}]"
+        seeds = f"{self.n} seeds" + (f" of {self.seeds_expected}" if self.seeds_expected > self.n else "")
         s = (f"{arm_label}: {what} {word} than the baseline by {abs(self.diff):.3g} {ci} (95% t-interval), "
-             f"{self.n} seeds, at {self.images_seen:,} images")
+             f"{seeds}, at {self.images_seen:,} images")
+        if self.nonfinite:
+            return s + f"; {self.nonfinite} seed value(s) diverged or not finite and left out: no verdict"
         if not self.distinguishable:
             return s + ": not distinguishable from seed noise"
         return s + (": better than the baseline" if better else ": worse than the baseline")
@@ -76,11 +81,18 @@ class Comparison:
         return {**asdict(self), "n": self.n, "distinguishable": self.distinguishable}
 
 
+def group_key(t: Trial):
+    """A trial's configuration: its group, or its values when it carries none (as `results.group_rows` does)."""
+    import json
+
+    return t.group if t.group >= 0 else json.dumps(t.params, sort_keys=True, default=str)
+
+
 def groups_of(trials: list[Trial]) -> dict:
-    """{group: [trials]} in group order."""
+    """{configuration key: [trials]} in group order."""
     out: dict = {}
     for t in sorted(trials, key=lambda t: (t.group, t.seed)):
-        out.setdefault(t.group, []).append(t)
+        out.setdefault(group_key(t), []).append(t)
     return out
 
 
@@ -136,18 +148,21 @@ def curve(trials: list[Trial], name: str) -> list[dict]:
     return out
 
 
-def compare(arm_trials: list[Trial], base_trials: list[Trial], name: str, arm: int, base: int) -> list[Comparison]:
+def compare(arm_trials: list[Trial], base_trials: list[Trial], name: str, arm, base,
+            seeds_expected: int = 0) -> list[Comparison]:
     """One paired comparison per point in training where both arms have `name` for at least one shared seed."""
     a = {(t.seed, p): ev[name] for t in arm_trials for p, ev in t.points.items() if name in ev}
     b = {(t.seed, p): ev[name] for t in base_trials for p, ev in t.points.items() if name in ev}
     out = []
     for p in sorted({p for _, p in a} & {p for _, p in b}):
-        seeds = sorted(s for s, q in a if q == p and (s, p) in b and math.isfinite(a[s, p]) and math.isfinite(b[s, p]))
-        if not seeds:
+        shared = sorted(s for s, q in a if q == p and (s, p) in b)
+        seeds = [s for s in shared if math.isfinite(a[s, p]) and math.isfinite(b[s, p])]
+        bad = sum(not math.isfinite(x[s, p]) for x in (a, b) for s, q in x if q == p)
+        if not shared:
             continue
         av, bv = [a[s, p] for s in seeds], [b[s, p] for s in seeds]
-        m, lo, hi = t_interval([x - y for x, y in zip(av, bv)])
-        out.append(Comparison(name, arm, base, p, seeds, av, bv, m, lo, hi))
+        m, lo, hi = t_interval([x - y for x, y in zip(av, bv)]) if seeds else (math.nan,) * 3
+        out.append(Comparison(name, arm, base, p, seeds, av, bv, m, lo, hi, seeds_expected, bad))
     return out
 
 
@@ -159,19 +174,21 @@ class TrialCost:
     state: str
     node: str
     images_trained: int
-    images_generated: int = 0          # for evaluation (all sampling specs and points)
-    image_steps: int = 0               # images x sampling steps
-    images_featurised: int = 0
-    train_seconds: float = 0.0         # the trial's wall time minus its evaluations
+    images_generated: int = 0          # for evaluation (all sampling specs and points); each also goes through
+    image_steps: int = 0               # images x sampling steps                           the feature network once
+    train_seconds: float = 0.0         # the trial's time minus its evaluations
     sample_seconds: float = 0.0
     feature_seconds: float = 0.0
     eval_seconds: float = 0.0
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0          # Tune's time_total_s along the kept path (work redone after a crash is not)
 
 
 def _steps_of(spec: str) -> int:
-    s = spec.split(",")[0]
-    return int(s[4:]) if s.startswith("ddim") else sum(int(x) for x in spec.split(","))
+    """Sampling steps of a spec as it appears in result keys ("ddim25", "250", section counts "50-25-25")."""
+    from p2core.respace import parse_respacing
+
+    s = parse_respacing(spec.replace("-", ","))
+    return int(s[4:]) if s.startswith("ddim") else sum(int(x) for x in s.split(","))
 
 
 def trial_rows(t: Trial) -> list[dict]:
@@ -199,8 +216,6 @@ def trial_cost(t: Trial, rows: list[dict]) -> TrialCost:
                 c.feature_seconds += v
             elif k == "eval_seconds":
                 c.eval_seconds += v
-        c.images_featurised += sum(int(v) for k, v in r.items() if k.startswith("gen_images_")
-                                   and isinstance(v, (int, float)))
     if rows:
         c.wall_seconds = float(rows[-1].get("time_total_s", 0.0) or 0.0)
     c.train_seconds = max(0.0, c.wall_seconds - c.eval_seconds)
@@ -226,15 +241,14 @@ def phase_losses(rows: list[dict]) -> list[dict]:
 
 
 def mean_phase_curve(per_seed: list[list[dict]]) -> list[dict]:
-    """Mean over seeds at the log points every seed has."""
-    if not per_seed:
-        return []
-    common = set.intersection(*[{r["images_seen"] for r in s} for s in per_seed]) if per_seed else set()
+    """Mean over the seeds that logged each point (`n` says how many)."""
+    points = sorted({r["images_seen"] for s in per_seed for r in s})
     out = []
-    for p in sorted(common):
-        row = {"images_seen": p}
+    for p in points:
+        rows = [r for s in per_seed for r in s if r["images_seen"] == p]
+        row = {"images_seen": p, "n": len(rows)}
         for ph in PHASE_NAMES:
-            vals = [r[ph] for s in per_seed for r in s if r["images_seen"] == p and r.get(ph) is not None]
+            vals = [r[ph] for r in rows if r.get(ph) is not None]
             row[ph] = statistics.fmean(vals) if vals else None
         out.append(row)
     return out
@@ -244,10 +258,9 @@ def mean_phase_curve(per_seed: list[list[dict]]) -> list[dict]:
 class CostSummary:
     trials: list = field(default_factory=list)
     images_trained: int = 0
-    images_if_all_to_end: int = 0
+    images_if_all_to_end: int = 0      # images_trained plus what the trials ASHA stopped would have trained
     images_generated: int = 0
     image_steps: int = 0
-    images_featurised: int = 0
     train_seconds: float = 0.0
     sample_seconds: float = 0.0
     feature_seconds: float = 0.0
@@ -267,10 +280,11 @@ def cost_summary(costs: list[TrialCost], max_images: int) -> CostSummary:
         s.images_trained += c.images_trained
         s.images_generated += c.images_generated
         s.image_steps += c.image_steps
-        s.images_featurised += c.images_featurised
         s.train_seconds += c.train_seconds
         s.sample_seconds += c.sample_seconds
         s.feature_seconds += c.feature_seconds
         s.wall_seconds += c.wall_seconds
-    s.images_if_all_to_end = max_images * len(costs)
+    # only early stopping's shortfall: diverged, errored and unfinished trials saved nothing
+    s.images_if_all_to_end = s.images_trained + sum(max(0, max_images - c.images_trained) for c in costs
+                                                    if c.state == "STOPPED")
     return s

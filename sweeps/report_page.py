@@ -44,6 +44,7 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
     groups = A.groups_of(trials)
     params = {g: ts[0].params for g, ts in groups.items()}
     labels = {g: A.arm_label(p, meta.base) for g, p in params.items()}
+    label_of = lambda r: labels.get(r.group) if r.group >= 0 else A.arm_label(r.config, meta.base)
     names = A.family(trials, meta.metric)
     rows_by_point = {}
     for ts in groups.values():
@@ -54,24 +55,34 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
     tables = {}
     for name in names:
         rows = [r for r in ranked if r.metric == name]
-        best = next((r.group for r in rows if r.complete), None)
-        tables[name] = [{"group": r.group, "arm": labels.get(r.group, str(r.group)), "config": r.config,
+        lead = next((r for r in rows if r.complete), None)
+        # "best": the row `p2sweep best` picks (over every spec); "lead": the first complete row of this spec
+        tables[name] = [{"group": r.group, "arm": label_of(r), "config": r.config,
                          "images_seen": r.images_seen, "mean": r.mean, "std": r.std, "n": r.n,
                          "seeds_expected": r.seeds_expected, "seeds": r.seeds, "values": r.values,
-                         "trials": r.trials, "complete": r.complete, "best": r.group == best} for r in rows]
+                         "trials": r.trials, "complete": r.complete, "best": bool(ranked) and r is ranked[0],
+                         "lead": r is lead} for r in rows]
     comparisons = []
     for g, p in params.items():
         b = A.baseline_of(p, params)
         if b is None:
             continue
         for name in names:
-            for c in A.compare(groups[g], groups[b], name, g, b):
+            for c in A.compare(groups[g], groups[b], name, g, b, len(meta.seeds)):
                 comparisons.append({**c.to_dict(), "arm_label": labels[g], "baseline_label": labels[b],
                                     "sentence": c.sentence(labels[g])})
+    # the headline of each (arm, metric): the point with the most paired seeds, the latest on a tie
+    heads = {}
+    for c in comparisons:
+        k = (str(c["arm"]), c["metric"])
+        if k not in heads or (c["n"], c["images_seen"]) > (heads[k]["n"], heads[k]["images_seen"]):
+            heads[k] = c
+    for c in comparisons:
+        c["headline"] = heads[(str(c["arm"]), c["metric"])] is c
     phases = {}
     for g, ts in groups.items():
         phases[str(g)] = A.mean_phase_curve([A.phase_losses(rows_by_point[t.trial_id]) for t in ts])
-    stops = [{"trial": t.trial_id, "group": t.group, "seed": t.seed, "images_seen": t.last_rung[0],
+    stops = [{"trial": t.trial_id, "group": str(A.group_key(t)), "seed": t.seed, "images_seen": t.last_rung[0],
               "judged_on": t.last_rung[1], "value": t.last_rung[2]}
              for t in trials if t.state == "STOPPED" and t.last_rung]
     costs = [A.trial_cost(t, rows_by_point[t.trial_id]) for t in trials]
@@ -97,6 +108,7 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
         "stops": stops,
         "baselines": baselines,
         "importance": importance,
+        "grids_at": None,
         "cost": {"total": {k: v for k, v in cost.__dict__.items() if k != "trials"},
                  "early_stop_saved_fraction": cost.early_stop_saved,
                  "per_trial": [c.__dict__ for c in costs]},
@@ -204,7 +216,7 @@ def fig_phases(path: str, data: dict) -> str | None:
 def _param_axis(values):
     """Map a parameter's values to [0, 1] (numbers linearly, anything else by sorted position); tick labels."""
     nums = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    uniq = sorted(set(values), key=lambda v: (str(type(v)), v)) if not nums else sorted(set(values))
+    uniq = sorted(set(values), key=lambda v: (str(type(v)), str(v))) if not nums else sorted(set(values))
     if nums and len(uniq) > 1:
         lo, hi = min(uniq), max(uniq)
         return {v: (v - lo) / (hi - lo) for v in uniq}, uniq
@@ -221,14 +233,15 @@ def fig_parallel(path: str, data: dict) -> str | None:
     plt = _plt()
     from p2core.atomic import save_figure
 
-    axes_maps = [_param_axis([r["config"].get(k) for r in rows]) for k in keys]
+    hashable = lambda v: v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    axes_maps = [_param_axis([hashable(r["config"].get(k)) for r in rows]) for k in keys]
     ms = [r["mean"] for r in rows]
     lo, hi = min(ms), max(ms)
     cmap = plt.get_cmap("viridis_r")
     fig, ax = plt.subplots(figsize=(1.6 * (len(keys) + 1) + 1, 3.6), dpi=DPI)
     for r in rows:
         t = (r["mean"] - lo) / (hi - lo) if hi > lo else 0.5
-        ys = [m[r["config"].get(k)] for k, (m, _) in zip(keys, axes_maps)] + [t]
+        ys = [m[hashable(r["config"].get(k))] for k, (m, _) in zip(keys, axes_maps)] + [t]
         ax.plot(range(len(keys) + 1), ys, color=cmap(t), alpha=0.8)
     for i, (m, uniq) in enumerate(axes_maps):
         ax.axvline(i, color="black", lw=0.6)
@@ -257,19 +270,23 @@ def fig_importance(path: str, data: dict) -> str | None:
     return save_figure(fig, path)
 
 
-def grid_files(trials: list) -> dict:
-    """{group: (seed, path)}: the last sample grid of the lowest seed of each configuration found in the storage.
-    Every trial samples its grids from the same initial noise (eval.seed), so the grids compare like with like."""
+def grid_files(trials: list) -> tuple[dict, int | None]:
+    """({arm: (seed, path)}, images): a sample grid of every arm at the latest point in training that every arm
+    has a grid for (the lowest seed that has it), so the grids compare like with like; every trial samples its grids
+    from the same initial noise (eval.seed)."""
     import glob
 
-    out = {}
+    have: dict = {}  # arm -> {images: (seed, path)}
     for g, ts in A.groups_of(trials).items():
         for t in ts:
-            files = sorted(glob.glob(os.path.join(t.dir, "p2", "samples", "grid_*.png"))) if t.dir else []
-            if files:
-                out[g] = (t.seed, files[-1])
-                break
-    return out
+            for f in sorted(glob.glob(os.path.join(t.dir, "p2", "samples", "grid_*.png"))) if t.dir else []:
+                n = int(os.path.basename(f)[5:-4])
+                have.setdefault(g, {}).setdefault(n, (t.seed, f))
+    common = set.intersection(*[set(v) for v in have.values()]) if have else set()
+    if not common:
+        return {}, None
+    at = max(common)
+    return {g: v[at] for g, v in have.items()}, at
 
 
 # -- pages --------------------------------------------------------------------------------------------------------
@@ -304,12 +321,11 @@ def sections(data: dict, figs: dict, grids: dict) -> list:
     comps = data["comparisons"]
     s.append(("h2", "The answer: each arm against its baseline arm"))
     if comps:
-        last = {}
-        for c in comps:  # the last point in training of each (arm, metric)
-            last[(c["arm"], c["metric"])] = c
-        s.append(("ul", [c["sentence"] for c in last.values()]))
+        s.append(("ul", [c["sentence"] for c in comps if c["headline"]]))
         s.append(("p", "Difference = arm - baseline over the seeds both ran, paired by seed; interval: two-sided 95% "
-                       "Student t over the paired differences (n-1 degrees of freedom). Every point in training:"))
+                       "Student t over the paired differences (n-1 degrees of freedom); each interval stands alone "
+                       "(no correction for several comparisons). Headline: the point with the most paired seeds. "
+                       "Every point in training:"))
         s.append(("table", (["metric", "arm", "images", "seeds", "arm values", "baseline values", "diff",
                              "95% interval", "distinguishable"],
                             [[c["metric"], c["arm_label"], c["images_seen"], c["n"], _vals(c["arm_values"]),
@@ -318,7 +334,9 @@ def sections(data: dict, figs: dict, grids: dict) -> list:
     else:
         s.append(("p", "No comparison: the sweep has no baseline arm (p2_gamma = 0 with the other swept values equal)."))
     s.append(("h2", f"{metric.split('_')[0]} against images seen"))
-    s.append(("fig", ("curves", "Mean over seeds, band min..max; dotted lines: where ASHA stopped a seed.")))
+    s.append(("fig", ("curves", "Mean over the seeds evaluated at each point (a seed that diverged or has not got "
+                                "there is left out; per-seed values in report.json), band min..max; dotted lines: "
+                                "where ASHA stopped a seed.")))
     if data["stops"]:
         s.append(("table", (["trial", "config", "seed", "stopped at images", "judged on", "value"],
                             [[x["trial"], x["group"], x["seed"], x["images_seen"], x["judged_on"], _fmt(x["value"])]
@@ -327,7 +345,7 @@ def sections(data: dict, figs: dict, grids: dict) -> list:
     for name, rows in data["tables"].items():
         s.append(("h3", name))
         s.append(("table", (["", "arm", "images", "mean", "std", "seeds", "per-seed values (seed: value)", "complete"],
-                            [["best" if r["best"] else "", r["arm"], r["images_seen"], _fmt(r["mean"]), _fmt(r["std"], 3),
+                            [["best" if r["best"] else "lowest" if r["lead"] else "", r["arm"], r["images_seen"], _fmt(r["mean"]), _fmt(r["std"], 3),
                               f"{r['n']}/{r['seeds_expected']}",
                               ", ".join(f"{sd}: {_fmt(v)}" for sd, v in zip(r["seeds"], r["values"])),
                               "yes" if r["complete"] else "no"] for r in rows])))
@@ -354,20 +372,23 @@ def sections(data: dict, figs: dict, grids: dict) -> list:
                        "have no parameter importance."))
     s.append(("h2", "Samples"))
     if grids:
-        s.append(("grids", [(f"{data['arms'][str(g)]['label']} (seed {seed})", f"grid_{g}") for g, (seed, _) in
-                            sorted(grids.items())]))
-        s.append(("p", "The last sample grid of each arm, all from the same initial noise (eval.seed)."))
+        s.append(("grids", [(f"{data['arms'][str(g)]['label']} (seed {seed})", f"grid_{i}") for i, (g, (seed, _)) in
+                            enumerate(grids.items())]))
+        s.append(("p", f"Every arm at {data['grids_at']:,} images (the latest point all arms have a grid for), all "
+                       "from the same initial noise (eval.seed)."))
     else:
-        s.append(("p", "No sample grid in the storage (train.grid_samples 0, or a sweep from before p2sweep synced "
-                       "trial files to the storage)."))
+        s.append(("p", "No sample grid common to every arm in the storage (train.grid_samples 0, an arm stopped "
+                       "before any grid, or a sweep from before p2sweep synced trial files to the storage)."))
     c = data["cost"]["total"]
     s.append(("h2", "Cost"))
-    s.append(("p", f"{c['images_trained']:,} images trained ({c['images_if_all_to_end']:,} if every trial had trained "
-                   f"to the end: early stopping saved {100 * data['cost']['early_stop_saved_fraction']:.0f}%); "
-                   f"{c['images_generated']:,} images generated for evaluation ({c['image_steps']:,} image-steps), "
-                   f"{c['images_featurised']:,} through the feature network; trial seconds: training "
-                   f"{c['train_seconds']:.0f}, sampling {c['sample_seconds']:.0f}, features {c['feature_seconds']:.0f} "
-                   f"(sum over trials; wall time of trials {c['wall_seconds']:.0f} s)."))
+    s.append(("p", f"{c['images_trained']:,} images trained ({c['images_if_all_to_end']:,} if the trials ASHA stopped "
+                   f"had trained to the end: early stopping saved {100 * data['cost']['early_stop_saved_fraction']:.0f}%"
+                   f"); {c['images_generated']:,} images generated for evaluation ({c['image_steps']:,} image-steps), "
+                   f"each through the feature network once (the reference statistics, computed once per sweep, are "
+                   f"not counted); seconds summed over trials: training {c['train_seconds']:.0f}, sampling "
+                   f"{c['sample_seconds']:.0f}, features {c['feature_seconds']:.0f}, trial time in all "
+                   f"{c['wall_seconds']:.0f} (Tune's time along each trial's kept path: work redone after a crash is "
+                   f"not counted)."))
     s.append(("table", (["trial", "config", "seed", "state", "node", "images trained", "images generated",
                          "train s", "sample s", "feature s"],
                         [[t["trial_id"], t["group"], t["seed"], t["state"], t["node"] or "-", t["images_trained"],
@@ -445,6 +466,12 @@ def render_md(secs: list, files: dict) -> str:
 def write_report(out_dir: str, data: dict, trials: list) -> dict:
     """Write report.html, report.md, report.json and figures/*.png into `out_dir`, replacing an older report there
     only once the new one is complete. Returns {kind: path}."""
+    from p2core.errors import UserError
+
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and (
+            not os.listdir(out_dir) or os.path.isfile(os.path.join(out_dir, "report.json")))):
+        raise UserError(f"--out {out_dir}: exists and is not a p2sweep report folder (no report.json): refusing to "
+                        "replace it")
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".report-", dir=parent)
@@ -457,11 +484,11 @@ def write_report(out_dir: str, data: dict, trials: list) -> dict:
             p = fn(os.path.join(fdir, f"{name}.png"), data)
             if p:
                 figs[name] = p
-        grids = grid_files(trials)
-        for g, (_, src) in grids.items():
-            dst = os.path.join(fdir, f"grid_{g}.png")
+        grids, data["grids_at"] = grid_files(trials)
+        for i, (_, src) in enumerate(grids.values()):
+            dst = os.path.join(fdir, f"grid_{i}.png")
             shutil.copyfile(src, dst)
-            figs[f"grid_{g}"] = dst
+            figs[f"grid_{i}"] = dst
         data["figures"] = {k: os.path.relpath(v, tmp) for k, v in figs.items()}
         secs = sections(data, figs, grids)
         images = {}
@@ -474,14 +501,20 @@ def write_report(out_dir: str, data: dict, trials: list) -> dict:
             f.write(render_md(secs, data["figures"]))
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(_clean(data), f, indent=1, default=str)
-        for root, dirs, files in os.walk(tmp):  # mkdtemp/mkstemp make 0700/0600: a report is for reading
-            os.chmod(root, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, dirs, files in os.walk(tmp):  # mkdtemp/mkstemp make 0700/0600: give the usual modes
+            os.chmod(root, 0o777 & ~umask)
             for f_ in files:
-                os.chmod(os.path.join(root, f_), 0o644)
+                os.chmod(os.path.join(root, f_), 0o666 & ~umask)
         if os.path.isdir(out_dir):
             old = out_dir.rstrip("/") + f".old-{os.getpid()}"
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)

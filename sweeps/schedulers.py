@@ -449,24 +449,42 @@ class GroupSearcher(Searcher):
 
 
 def param_importance(url: str, study_name: str, minimum: int) -> dict:
-    """Optuna's own parameter importance (its default evaluator) on the sweep's study, or a note saying why not.
-    The evaluator uses COMPLETE trials only; under ASHA most configurations end PRUNED."""
+    """Optuna's PED-ANOVA (Optuna 5's default importance evaluator) on the sweep's study, or a note saying why not.
+    It uses finite COMPLETE trials only (under ASHA most configurations end PRUNED) and is asked for the importance
+    of reaching the top quantile that holds 5 of them (Optuna's advice: at least 5 trials above the quantile)."""
+    import math
+    import warnings
+
     import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = "PED-ANOVA (Optuna's default evaluator)"
     try:
         study = optuna.load_study(study_name=study_name, storage=url)
     except Exception as e:  # a missing or unreachable study: the report says so and goes on
-        return {"evaluator": "", "complete": 0, "values": {}, "note": f"parameter importance: no Optuna study ({e})"}
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    name = "Optuna default evaluator"
+        return {"evaluator": name, "complete": 0, "values": {},
+                "note": f"parameter importance: no Optuna study ({(str(e).splitlines() or [type(e).__name__])[0]})"}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and t.value is not None and math.isfinite(t.value)]
     if len(done) < minimum:
         return {"evaluator": name, "complete": len(done), "values": {},
-                "note": f"parameter importance not shown: {len(done)} COMPLETE configuration(s) in the study, fewer "
-                        f"than {minimum} (Optuna's evaluator uses COMPLETE trials only; ASHA-pruned ones are left out)"}
-    try:
-        vals = optuna.importance.get_param_importances(study)
-    except Exception as e:
-        return {"evaluator": name, "complete": len(done), "values": {}, "note": f"parameter importance failed: {e}"}
+                "note": f"parameter importance not shown: {len(done)} COMPLETE configuration(s) with a finite value, "
+                        f"fewer than {minimum} (the evaluator uses COMPLETE trials only; ASHA-pruned and diverged "
+                        "ones are left out)"}
+    q = max(0.1, 5 / len(done))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            vals = optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(
+                target_quantile=q))
+        except Exception as e:
+            return {"evaluator": name, "complete": len(done), "values": {},
+                    "note": f"parameter importance failed: {(str(e).splitlines() or [type(e).__name__])[0]}"}
+    if any("equal" in str(w.message) for w in caught):  # Optuna then returns equal shares, not importances
+        return {"evaluator": name, "complete": len(done), "values": {},
+                "note": f"parameter importance not shown: Optuna could not separate the parameters over {len(done)} "
+                        "COMPLETE configurations (it would report equal importances)"}
     return {"evaluator": name, "complete": len(done), "values": {k: float(v) for k, v in vals.items()},
-            "note": f"parameter importance: Optuna's default evaluator over {len(done)} COMPLETE configurations"}
+            "note": f"parameter importance: {name} over {len(done)} COMPLETE configurations with a finite value, "
+                    f"importance of reaching the best {100 * q:.0f}%"}

@@ -2,6 +2,7 @@
 Ray is imported only by run/resume, after `ray_env.prepare` has set what Ray must see at import time."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -135,13 +136,14 @@ def compare_table(sweeps: dict) -> tuple[list, list]:
             if m not in names:
                 names.append(m)
         by_group: dict = {}
-        for r in rows:
-            by_group.setdefault(r.group, {})[r.metric] = r
+        for r in rows:  # a trial without a group key is its own configuration (as in group_rows)
+            gk = r.group if r.group >= 0 else json.dumps(r.config, sort_keys=True, default=str)
+            by_group.setdefault(gk, {})[r.metric] = r
         for g, ms in by_group.items():
             first = next(iter(ms.values()))
             own = ms.get(meta.metric)
             key = (own is None or not own.complete, own.mean if own is not None else math.inf)
-            out.append((key, name, g, first.config, ms))
+            out.append(((list(sweeps).index(name), *key), name, g, first.config, ms))  # ranked within its sweep
         for bname, m, v in _baseline_rows(meta):
             base_rows.append((name, bname, m, v))
     out.sort(key=lambda x: x[0])
@@ -182,7 +184,7 @@ def _expected_trials(meta) -> int | None:
     raw = meta.raw or {}
     search = raw.get("search") or {}
     n = int(search.get("num_samples", 1) or 1)
-    if search.get("algorithm", "grid") == "grid":
+    if search.get("algorithm", "grid") != "optuna":  # Tune expands grid values for random search too
         for v in (raw.get("space") or {}).values():
             if isinstance(v, dict) and "grid" in v:
                 n *= len(v["grid"])
@@ -199,7 +201,7 @@ def _provenance(meta) -> dict:
         if out:
             return out
     except Exception as e:
-        print(f"p2sweep: warning: MLflow at {meta.paths.mlflow_uri} not readable ({str(e).splitlines()[0][:120]}); "
+        print(f"p2sweep: warning: MLflow at {meta.paths.mlflow_uri} not readable ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); "
               "provenance is that of this process", file=sys.stderr)
     from .runner import provenance
 
@@ -224,8 +226,7 @@ def cmd_report(args) -> int:
     out = args.out or os.path.join(meta.dir, "report")
     paths = report_page.write_report(out, data, trials)
     for c in data["comparisons"]:
-        if c["images_seen"] == max(x["images_seen"] for x in data["comparisons"] if x["arm"] == c["arm"]
-                                   and x["metric"] == c["metric"]) and c["metric"] == meta.metric:
+        if c["headline"] and c["metric"] == meta.metric:
             print(c["sentence"])
     print(f"report ({data['sweep']['state']}): {paths['html']}  (also report.md, report.json, figures/)")
     if not args.no_mlflow:
@@ -235,7 +236,7 @@ def cmd_report(args) -> int:
             client(meta.paths.mlflow_uri).log_artifacts(meta.parent_run_id, paths["dir"], "report")
             print(f"logged to MLflow run {meta.parent_run_id} under report/")
         except Exception as e:
-            print(f"p2sweep: warning: report not logged to MLflow ({str(e).splitlines()[0][:160]})", file=sys.stderr)
+            print(f"p2sweep: warning: report not logged to MLflow ({(str(e).splitlines() or [type(e).__name__])[0][:160]})", file=sys.stderr)
     return 0
 
 
@@ -261,7 +262,7 @@ def cmd_ui(args) -> int:
             try:
                 exp_path = set_sweep_view(c, exp.experiment_id, meta, R.load_trials(meta.dir, meta.metric))
             except Exception as e:  # the plain runs page still works
-                print(f"p2sweep: warning: comparison view not written ({str(e).splitlines()[0][:160]})",
+                print(f"p2sweep: warning: comparison view not written ({(str(e).splitlines() or [type(e).__name__])[0][:160]})",
                       file=sys.stderr)
     elif not os.path.exists(os.path.join(storage, "mlflow.db")):
         raise UserError(f"no MLflow database in {storage}")

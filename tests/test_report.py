@@ -51,7 +51,7 @@ def test_comparison_pairs_seeds_at_each_point_and_words_the_interval():
             _trial("b1", 0, 1, {100: {m: 0.32}, 200: {m: 0.22}}, ARMS[0]),
             _trial("b2", 0, 2, {100: {m: 0.34}, 200: {m: 0.21}}, ARMS[0])]
     arm = [_trial("a0", 1, 0, {100: {m: 0.28}, 200: {m: 0.10}}, ARMS[1]),
-           _trial("a1", 1, 1, {100: {m: 0.33}, 200: {m: 0.12}}, ARMS[1]),
+           _trial("a1", 1, 1, {100: {m: 0.33}, 200: {m: 0.13}}, ARMS[1]),
            _trial("a2", 1, 2, {100: {m: 0.30}}, ARMS[1])]  # seed 2 has no value at 200: not paired there
     cs = A.compare(arm, base, m, 1, 0)
     assert [c.images_seen for c in cs] == [100, 200]
@@ -64,12 +64,13 @@ def test_comparison_pairs_seeds_at_each_point_and_words_the_interval():
     assert c100.high == pytest.approx(mean + T975[2] * sd / math.sqrt(3))
     assert not c100.distinguishable
     assert "not distinguishable from seed noise" in c100.sentence("P2")
-    assert c200.seeds == [0, 1] and c200.diff == pytest.approx(-0.10)
-    # both differences equal: sd 0, so the interval is the point and it excludes 0
+    assert c200.seeds == [0, 1] and c200.diff == pytest.approx(-0.095)
+    # differences -0.10 and -0.09: half-width 12.706 * 0.00707 / sqrt(2) = 0.0635, so [-0.1585, -0.0315]
+    assert (c200.low, c200.high) == (pytest.approx(-0.1585, abs=1e-4), pytest.approx(-0.0315, abs=1e-4))
     assert c200.distinguishable
-    s = c200.sentence("P2 gamma=1, k=1, linear")
-    assert s.startswith("P2 gamma=1, k=1, linear: KID-1000 (ddim25) lower than the baseline by 0.1 [0.1, 0.1]")
-    assert "2 seeds" in s and s.endswith("better than the baseline")
+    s = c200.sentence("P2 gamma=1, k=1, linear", )
+    assert s.startswith("P2 gamma=1, k=1, linear: KID-1000 (ddim25) lower than the baseline by 0.095 [0.0315, 0.159]")
+    assert "2 seeds," in s and s.endswith("better than the baseline")
 
 
 def test_curve_mean_and_band_over_the_seeds_present():
@@ -85,14 +86,29 @@ def test_cost_from_reports():
     t = _trial("a", 0, 0, {100: {}, 200: {}}, ARMS[0])
     rows = [{"images_seen": 100, "gen_images_ddim25": 50, "gen_seconds_ddim25": 2.0, "feat_seconds_ddim25": 3.0,
              "eval_seconds": 5.5, "time_total_s": 20.0},
-            {"images_seen": 200, "gen_images_ddim25": 50, "gen_images_250": 10, "gen_seconds_ddim25": 2.0,
-             "feat_seconds_ddim25": 3.0, "eval_seconds": 6.5, "time_total_s": 40.0}]
+            {"images_seen": 200, "gen_images_ddim25": 50, "gen_images_250": 10, "gen_images_50-25-25": 4,
+             "gen_seconds_ddim25": 2.0, "feat_seconds_ddim25": 3.0, "eval_seconds": 6.5, "time_total_s": 40.0}]
     c = A.trial_cost(t, rows)
-    assert (c.images_generated, c.image_steps, c.images_featurised) == (110, 50 * 25 * 2 + 10 * 250, 110)
+    assert (c.images_generated, c.image_steps) == (114, 50 * 25 * 2 + 10 * 250 + 4 * 100)  # section spec: 50+25+25
     assert (c.sample_seconds, c.feature_seconds, c.eval_seconds) == (4.0, 6.0, 12.0)
     assert (c.wall_seconds, c.train_seconds) == (40.0, 28.0)
-    s = A.cost_summary([c, A.TrialCost("b", 1, 0, "STOPPED", "", 100)], max_images=200)
-    assert s.images_trained == 300 and s.images_if_all_to_end == 400 and s.early_stop_saved == pytest.approx(0.25)
+    stopped = A.TrialCost("b", 1, 0, "STOPPED", "", 100)
+    diverged = A.TrialCost("c", 2, 0, "DIVERGED", "", 50)
+    s = A.cost_summary([c, stopped, diverged], max_images=200)
+    # only early stopping's shortfall counts as saved: the diverged trial saved nothing
+    assert s.images_trained == 350 and s.images_if_all_to_end == 450
+    assert s.early_stop_saved == pytest.approx(100 / 450)
+
+
+def test_a_nonfinite_seed_withholds_the_verdict():
+    m = "kid10_ddim5"
+    base = [_trial(f"b{s}", 0, s, {100: {m: 0.3}}, ARMS[0]) for s in range(3)]
+    arm = [_trial("a0", 1, 0, {100: {m: 0.1}}, ARMS[1]), _trial("a1", 1, 1, {100: {m: 0.11}}, ARMS[1]),
+           _trial("a2", 1, 2, {100: {m: float("inf")}}, ARMS[1], state="DIVERGED")]
+    (c,) = A.compare(arm, base, m, 1, 0, seeds_expected=3)
+    assert c.seeds == [0, 1] and c.nonfinite == 1
+    s = c.sentence("P2")
+    assert "2 seeds of 3" in s and "no verdict" in s and "better" not in s
 
 
 def test_phase_losses_from_the_training_log_records():
@@ -102,7 +118,8 @@ def test_phase_losses_from_the_training_log_records():
     assert p == [{"images_seen": 64, "coarse": 1.0, "content": 0.5, "cleanup": None},
                  {"images_seen": 128, "coarse": 0.8, "content": None, "cleanup": 0.1}]
     mean = A.mean_phase_curve([p, [{"images_seen": 64, "coarse": 3.0, "content": 1.5, "cleanup": None}]])
-    assert mean == [{"images_seen": 64, "coarse": 2.0, "content": 1.0, "cleanup": None}]
+    assert mean == [{"images_seen": 64, "n": 2, "coarse": 2.0, "content": 1.0, "cleanup": None},
+                    {"images_seen": 128, "n": 1, "coarse": 0.8, "content": None, "cleanup": 0.1}]  # seeds present
 
 
 # -- the pages, from a synthetic sweep directory --------------------------------------------------------------------
@@ -157,6 +174,23 @@ def test_report_pages_hold_the_comparison_and_every_figure(written):
     assert "figures/grid_0.png" in md and "figures/grid_1.png" in md and c_end["sentence"] in md
     assert data["cost"]["total"]["images_generated"] == 6 * 200 and data["sweep"]["state"] == "finished"
     assert json.load(open(paths["json"]))["tables"][M][0]["best"] is True
+    assert data["grids_at"] == 200 and "at 200 images" in md.replace(",", "")
+
+
+def test_report_replaces_only_a_report_folder(written, tmp_path):
+    from p2core.errors import UserError
+    from sweeps import report_page
+
+    data, paths = written
+    again = report_page.write_report(paths["dir"], data, [])  # an older report is replaced
+    assert os.path.isfile(again["json"])
+    other = tmp_path / "paper"
+    other.mkdir()
+    (other / "draft.tex").write_text("keep me")
+    with pytest.raises(UserError, match="not a p2sweep report folder"):
+        report_page.write_report(str(other), data, [])
+    assert (other / "draft.tex").read_text() == "keep me"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".report-")]
 
 
 def test_report_opens_in_a_real_browser_with_its_images_loaded(written, tmp_path):
