@@ -34,6 +34,15 @@ def parse_metric_name(name: str) -> tuple[str, int, str]:
     return kind, count, steps.replace("-", ",")
 
 
+def canonical_metric_name(name: str) -> str:
+    """The name the evaluator writes for the same metric: "kid1000_ddim25" -> "kid1k_ddim25", "fid10000_50" ->
+    "fid10k_50" (so a config or sweep may spell the count either way)."""
+    from .respace import parse_respacing
+
+    kind, n, steps = parse_metric_name(name)
+    return f"{kind}{count_label(n)}_{steps_label(parse_respacing(steps))}"
+
+
 def is_metric_name(name: str) -> bool:
     return bool(_NAME.match(name or ""))
 

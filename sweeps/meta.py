@@ -89,7 +89,12 @@ def load_meta(name: str, storage: str | None) -> SweepMeta:
     with open(p) as f:
         data = json.load(f)
     try:
+        from p2core.metrics import canonical_metric_name
+
+        # a sweep run before names were normalised may spell the count its own way (kid1000_ddim25): its trials
+        # report the evaluator's spelling (kid1k_ddim25)
+        data["metric"] = canonical_metric_name(data["metric"])
         data["paths"] = Paths(**data["paths"])
         return SweepMeta(**data)
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, ValueError) as e:
         raise UserError(f"{p}: not a p2sweep metadata file of this version ({e})") from None

@@ -15,7 +15,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
-from p2core.metrics import is_metric_name, parse_metric_name
+from p2core.metrics import canonical_metric_name, is_metric_name, parse_metric_name
 
 from .meta import STATES
 from .report import GROUP_KEY, TrialReport
@@ -134,8 +134,17 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             points={r.images_seen: dict(r.evals) for r in reps},
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
-            last_rung=(last.images_seen, last.rung_metric, last.rung_value) if last else ()))
+            last_rung=_last_rung(last, metric)))
     return trials
+
+
+def _last_rung(last, metric: str) -> tuple:
+    if last is None:
+        return ()
+    rm, rv = last.rung_metric, last.rung_value
+    if rm != metric and is_metric_name(rm) and canonical_metric_name(rm) == metric:
+        rm, rv = metric, last.value  # a sweep that spelled its metric another way (kid1000 for kid1k)
+    return last.images_seen, rm, rv
 
 
 def _state_from_files(last, tdir) -> str:

@@ -179,6 +179,9 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     except UserError as e:
         raise UserError(f"base config: {e}") from None
     # from here on the sweep works from the validated config (every default filled in), never the raw mapping
+    from p2core.metrics import canonical_metric_name
+
+    metric = canonical_metric_name(metric)  # the evaluator's spelling: kid1000_ddim25 -> kid1k_ddim25
     base = cfg.to_dict()
     base["metric"] = metric
     _need(cfg.eval.enabled, "base.eval.enabled", "a sweep needs evaluation")
@@ -239,6 +242,7 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
                 check_metric_producible(m, cfg)
             except ValueError as e:
                 raise UserError(f"scheduler.rung_metrics: {e}") from None
+        rung_metrics = [canonical_metric_name(m) for m in rung_metrics]
     seeds = raw.get("seeds", [cfg.train.seed])
     _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
           and len(set(seeds)) == len(seeds), "seeds", "expected a non-empty list of distinct integers")

@@ -548,3 +548,29 @@ def test_rung_metrics_refuse_rungs_a_step_could_merge(change, needle):
         raw["space"] = {**smoke_raw()["space"], **change["space"]}
     with pytest.raises(UserError, match=needle):
         parse_sweep(raw, os.path.join(ROOT, "search_spaces"))
+
+
+def test_metric_names_are_the_evaluators_spelling(tmp_path):
+    """`kid1000_ddim25` and `kid1k_ddim25` are one metric: a sweep keeps the evaluator's spelling, so the name it
+    looks up in a trial's report is the one the trial reports (a sweep spelled `1000` once saw no value at all)."""
+    from p2core.metrics import canonical_metric_name
+    from sweeps.meta import SweepMeta, Paths, load_meta
+    from sweeps.spec import load_sweep
+
+    assert canonical_metric_name("kid1000_ddim25") == "kid1k_ddim25"
+    assert canonical_metric_name("fid10000_50-25-25") == "fid10k_50-25-25"
+    assert canonical_metric_name("rkid32_ddim5") == "rkid32_ddim5"
+    d = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))
+    d["base"]["eval"]["num_samples"] = 1000
+    d["metric"] = "rkid1000_ddim5"
+    d["scheduler"] = {"type": "asha", "grace_period_images": 128, "rung_metrics": ["rkid2000_ddim10"]}
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    spec = load_sweep(str(p), {})
+    assert spec.metric == "rkid1k_ddim5" and spec.base["metric"] == "rkid1k_ddim5"
+    assert spec.rung_metrics == ["rkid2k_ddim10"]
+    # a sweep stored with the other spelling reads back with the evaluator's
+    meta = SweepMeta(name="old", sweep_id="x", metric="kid1000_ddim25", max_images=1, base={}, source_yaml="",
+                     raw={}, paths=Paths(str(tmp_path), "", "", ""), parent_run_id="", experiment="old")
+    meta.save()
+    assert load_meta("old", str(tmp_path)).metric == "kid1k_ddim25"
