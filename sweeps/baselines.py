@@ -7,8 +7,8 @@ Sweep file:
         checkpoint: /models/ema_0.9999_500000.pt
         overrides: {model.num_channels: 128}     # model flags on top of the sweep's base config (optional)
 
-The driver evaluates each baseline once (every spec in eval.sampling_steps, same n, same reference statistics),
-before the trials start, and keeps the results in <experiment>/p2sweep_baselines.json; each gets an MLflow child
+Each baseline is evaluated once (every spec in eval.sampling_steps, same n, same reference statistics), before the
+trials start, as a Ray task with the trials' resources (so the driver may be a CPU-only head node), and keeps the results in <experiment>/p2sweep_baselines.json; each gets an MLflow child
 run tagged p2sweep.role=baseline under the sweep's parent run. A resumed sweep does not evaluate them again.
 """
 from __future__ import annotations
@@ -68,37 +68,45 @@ def load_results(exp_dir: str) -> dict:
         return json.load(f)
 
 
-def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tracker=None) -> dict:
-    """Evaluate the baselines not yet in the results file; returns {name: {metrics..., checkpoint}}."""
-    if not baselines:
-        return {}
+def evaluate_one(b: dict, base: dict, cache_dir: str, threads: int = 0) -> tuple[dict, dict]:
+    """Evaluate one baseline (every spec of eval.sampling_steps) wherever it runs (a Ray task with the trials'
+    accelerator, or the driver); returns (results, the config it was evaluated with)."""
     import torch
 
-    from p2core.atomic import atomic_write_text
     from p2core.checkpoint import load_model
     from p2core.data import load_dataset
     from p2core.evaluation import Evaluator
     from p2core.trainer import resolve_device
 
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    data = apply_overrides(base, b["overrides"])
+    data.setdefault("eval", {})["cache_dir"] = cache_dir
+    cfg = config_from_dict(data)
+    model, cfg, which = load_model(b["checkpoint"], cfg)
+    dev = resolve_device(cfg.train.device)
+    images, key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
+    print(f"baseline {b['name']}: evaluating {b['checkpoint']} ({which}) at {cfg.eval.sampling_steps} on {dev}",
+          file=sys.stderr)
+    res = Evaluator(cfg, images, key, device=dev, progress=True).evaluate_model(
+        model.to(dev), list(cfg.eval.sampling_steps), seed=cfg.eval.seed)
+    return {**res, "checkpoint": b["checkpoint"], "weights": which, "overrides": b["overrides"]}, cfg.to_dict()
+
+
+def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tracker=None, run=None) -> dict:
+    """Evaluate the baselines not yet in the results file, one `run(b)` each (default: `evaluate_one` here; the
+    sweep passes a Ray task); returns {name: {metrics..., checkpoint}}."""
+    if not baselines:
+        return {}
+    from p2core.atomic import atomic_write_text
+
+    run = run or (lambda b: evaluate_one(b, base, cache_dir))
     done = load_results(exp_dir)
-    torch.set_num_threads(os.cpu_count() or 1)
-    ev_cache = None
     for b in baselines:
         if b["name"] in done:
             continue
-        data = apply_overrides(base, b["overrides"])
-        data.setdefault("eval", {})["cache_dir"] = cache_dir
-        cfg = config_from_dict(data)
-        model, cfg, which = load_model(b["checkpoint"], cfg)
-        dev = resolve_device(cfg.train.device)
-        if ev_cache is None:
-            ev_cache = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
-        print(f"baseline {b['name']}: evaluating {b['checkpoint']} ({which}) at {cfg.eval.sampling_steps}",
-              file=sys.stderr)
-        res = Evaluator(cfg, *ev_cache, device=dev, progress=True).evaluate_model(
-            model.to(dev), list(cfg.eval.sampling_steps), seed=cfg.eval.seed)
-        done[b["name"]] = {**res, "checkpoint": b["checkpoint"], "weights": which, "overrides": b["overrides"]}
+        res, cfg_dict = run(b)
+        done[b["name"]] = res
         atomic_write_text(os.path.join(exp_dir, FILE), json.dumps(done, indent=1, default=str))
         if tracker is not None:
-            tracker(b, cfg, done[b["name"]])
+            tracker(b, config_from_dict(cfg_dict), res)
     return done

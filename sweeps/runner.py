@@ -59,21 +59,14 @@ def provenance() -> dict:
     return out
 
 
-def precompute_reference(spec: SweepSpec, paths: Paths) -> None:
-    """Build the reference statistics once in the driver with all its CPUs, before trials start and wait on it."""
-    import torch
+def precompute_reference(spec: SweepSpec, paths: Paths) -> dict:
+    """The reference statistics, once per sweep, as a Ray task before the trials start (trials then read the cache)."""
+    from .driver_tasks import reference_as_task
 
-    from p2core.data import load_dataset
-    from p2core.evaluation import extractor_from_config, reference_stats
-
-    cfg = spec.base_config()
-    imgs, key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
-    ext = extractor_from_config(cfg.eval)
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"reference statistics: {cfg.eval.ref_samples or len(imgs)} training images, {ext.name} "
-          f"(cached in {paths.cache_dir})", file=sys.stderr)
-    reference_stats(imgs, key, ext, image_size=cfg.model.image_size, ref_samples=cfg.eval.ref_samples,
-                    cache_dir=paths.cache_dir, progress=True)
+    out = reference_as_task(spec.base, paths.cache_dir, spec.cpu, spec.gpu)
+    print(f"reference statistics: {'computed' if out['computed'] else 'cached'} in {out['wall_seconds']:.1f} s",
+          file=sys.stderr)
+    return out
 
 
 # -- building the Tuner -------------------------------------------------------------------------------------------
@@ -169,8 +162,7 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
 
             study = open_study(paths.optuna_storage, meta.study_name, sweep_id, create=True)
         ray_env.init_ray(address)  # an --address that cannot be attached fails here
-        if ray_env.resolve_address(address) is None:
-            precompute_reference(spec, paths)
+        ref = precompute_reference(spec, paths)
         from mlflow.entities import Param
 
         from .tracking import Retrying, client, ensure_experiment
@@ -183,6 +175,7 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
         params = {"sweep.metric": spec.metric, "sweep.algorithm": spec.algorithm, "sweep.scheduler": spec.scheduler,
                   "sweep.seeds": str(spec.seeds), "sweep.max_images": spec.max_images, "sweep.id": sweep_id,
                   "sweep.rung_metrics": str(spec.rung_metric_map() or "-"),
+                  "reference.computed": ref["computed"], "reference.task_seconds": round(ref["wall_seconds"], 1),
                   **provenance()}
         c.log_batch(meta.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         c.log_text(meta.parent_run_id, spec.source_yaml, "sweep.yaml")
@@ -213,13 +206,15 @@ def _undo_start(meta: SweepMeta, c, study, created_dir: bool) -> None:
 def run_baselines(spec: SweepSpec, meta: SweepMeta) -> None:
     if not spec.baselines:
         return
-    from .baselines import evaluate
+    from . import baselines
+    from .driver_tasks import baseline_runner
     from .tracking import log_baseline
 
     p = meta.paths
-    evaluate(spec.baselines, spec.base, meta.dir, p.cache_dir,
-             tracker=lambda b, cfg, res: log_baseline(p.mlflow_uri, meta.experiment, meta.parent_run_id, b, cfg,
-                                                      res))
+    baselines.evaluate(spec.baselines, spec.base, meta.dir, p.cache_dir,
+                       tracker=lambda b, cfg, res: log_baseline(p.mlflow_uri, meta.experiment, meta.parent_run_id, b,
+                                                                cfg, res),
+                       run=baseline_runner(spec.base, p.cache_dir, spec.cpu, spec.gpu))
 
 
 def spec_of(meta: SweepMeta) -> SweepSpec:
