@@ -261,11 +261,20 @@ class MLflowTracker(Callback):
                 c.set_tag(rid, "p2sweep.failure", "trial raised (retries exhausted); see its error.txt")
             elif res.get("diverged"):
                 c.set_tag(rid, "p2sweep.failure", res.get("diverged_reason", "diverged"))
-            self.runs.log_artifacts(rid, getattr(trial, "local_path", None) or trial.path)
+            self.runs.log_artifacts(rid, trial_files_dir(trial))
             close_run(c, rid, failed=error or bool(res.get("diverged")), images_seen=int(res.get("images_seen", 0)),
                       max_images=self.max_images)
 
         self._safely("close the run", trial, close, {"op": "close"})
+
+
+def trial_files_dir(trial) -> str:
+    """Where the driver reads a trial's own files: the storage (where Ray copies them from whichever node ran the
+    trial), else the driver's staging folder (a trial that never reported)."""
+    for d in (trial.path, getattr(trial, "local_path", None)):
+        if d and os.path.isdir(os.path.join(d, "p2")):
+            return d
+    return trial.path or getattr(trial, "local_path", None) or ""
 
 
 def queue_pending(exp_dir: str, rec: dict) -> None:
