@@ -62,3 +62,11 @@ def test_optuna_resume_after_kills_right_after_a_tell(tmp_path):
     assert len(kids) == 4 and not [x for x in runs if x.info.status == "RUNNING"]
     assert len({x.data.tags["p2sweep.replicate"] for x in kids}) == 4
     assert len([x for x in runs if x.data.tags.get("p2sweep.role") == "sweep"]) == 1
+    # one continuous metrics.jsonl per trial in the storage, across the kills and resumes (each resumed trial starts
+    # in a fresh working folder: its earlier records come back from its checkpoint)
+    import json
+
+    for t in trials:
+        recs = [json.loads(x) for x in open(os.path.join(t.dir, "p2", "metrics.jsonl"))]
+        seen = [r["images_seen"] for r in recs if r.get("kind") == "train"]
+        assert seen == list(range(64, t.images_seen + 1, 64)), (t.trial_id, seen)
