@@ -62,11 +62,12 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
                          "seeds_expected": r.seeds_expected, "seeds": r.seeds, "values": r.values,
                          "trials": r.trials, "complete": r.complete, "best": bool(ranked) and r is ranked[0],
                          "lead": r is lead} for r in rows]
-    comparisons = []
+    comparisons, paired_arms = [], []
     for g, p in params.items():
         b = A.baseline_of(p, params)
         if b is None:
             continue
+        paired_arms.append([str(g), str(b)])
         for name in names:
             for c in A.compare(groups[g], groups[b], name, g, b, len(meta.seeds)):
                 comparisons.append({**c.to_dict(), "arm_label": labels[g], "baseline_label": labels[b],
@@ -104,6 +105,7 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
         "curves": curves,
         "tables": tables,
         "comparisons": comparisons,
+        "paired_arms": paired_arms,
         "phases": phases,
         "stops": stops,
         "baselines": baselines,
@@ -331,6 +333,8 @@ def sections(data: dict, figs: dict, grids: dict) -> list:
                             [[c["metric"], c["arm_label"], c["images_seen"], c["n"], _vals(c["arm_values"]),
                               _vals(c["baseline_values"]), _fmt(c["diff"]), f"[{_fmt(c['low'])}, {_fmt(c['high'])}]",
                               "yes" if c["distinguishable"] else "no"] for c in comps])))
+    elif data.get("paired_arms"):
+        s.append(("p", "No comparison yet: no arm has a result at the same point and seed as its baseline arm."))
     else:
         s.append(("p", "No comparison: the sweep has no baseline arm (p2_gamma = 0 with the other swept values equal)."))
     s.append(("h2", f"{metric.split('_')[0]} against images seen"))
