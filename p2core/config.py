@@ -357,8 +357,9 @@ def validate(cfg: TrainingConfig) -> None:
          f"expected 64 hex digits (a sha256), got {e.inception_sha256!r}")
     need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     if cfg.metric:
-        from .metrics import check_metric_produced
+        from .metrics import canonical_metric_name, check_metric_produced
         try:
             check_metric_produced(cfg.metric, cfg)
         except ValueError as ex:
             raise UserError(f"metric: {ex}") from None
+        cfg.metric = canonical_metric_name(cfg.metric)  # the evaluator's spelling (kid1000_... -> kid1k_...)

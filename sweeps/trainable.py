@@ -37,6 +37,21 @@ def trial_config(base: dict, config: dict, info: TrialInfo) -> TrainingConfig:
     return cfg
 
 
+FILES = "p2_files"  # in a Tune checkpoint: the trial's metrics.jsonl and sample grids as of that report
+
+
+def copy_trial_files(src: str, dst: str) -> None:
+    import shutil
+
+    for name in ("metrics.jsonl", "samples"):
+        s = os.path.join(src, name)
+        if os.path.isfile(s):
+            os.makedirs(dst, exist_ok=True)
+            shutil.copy2(s, os.path.join(dst, name))
+        elif os.path.isdir(s):
+            shutil.copytree(s, os.path.join(dst, name), dirs_exist_ok=True)
+
+
 def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     import ray
     import torch
@@ -70,6 +85,9 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
             # latest); the trial directory holds no trainer checkpoints that Ray would sync and never prune.
             with tempfile.TemporaryDirectory() as d:
                 atomic_torch_save(trainer.state(), os.path.join(d, "trainer.pt"))
+                # the trial's own files ride in the checkpoint: a retried or resumed trial, on any node, continues
+                # one metrics.jsonl and keeps its earlier sample grids
+                copy_trial_files(out_dir, os.path.join(d, FILES))
                 tune.report(rep.to_result(), checkpoint=tune.Checkpoint.from_directory(d))
 
     def make_trainer(resume_from=None):
@@ -80,6 +98,7 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     ck = tune.get_checkpoint()
     if ck is not None:  # a retried or resumed trial continues from its last reported checkpoint
         with ck.as_directory() as d:
+            copy_trial_files(os.path.join(d, FILES), out_dir)
             trainer = make_trainer(os.path.join(d, "trainer.pt"))
     else:
         trainer = make_trainer()
