@@ -1,0 +1,97 @@
+"""Sweeps that stop early, on a local Ray of this module (split from test_sweep.py so that the two run side by side
+under `make test`'s two workers): a start that fails leaves nothing behind, errored trials stay errored unless
+asked, a time budget stops cleanly and resume finishes."""
+import json  # noqa: F401
+import os
+
+import pytest  # noqa: F401
+import yaml
+
+from test_config_cli import ROOT
+from test_sweep import cli, mlflow_runs, ray_session, sweep, sweep_file, trials_of  # noqa: F401  (ray_session: its own Ray)
+
+
+# -- case 6: a run that fails before it can start leaves nothing behind ----------------------------------------------
+
+def _nothing_written(storage, name):
+    assert not os.path.exists(os.path.join(storage, name))
+    if os.path.exists(os.path.join(storage, "mlflow.db")):
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(f"sqlite:///{storage}/mlflow.db")
+        exp = c.get_experiment_by_name(name)
+        assert exp is None or not c.search_runs([exp.experiment_id])  # deleted runs are not listed
+
+
+def test_failed_starts_leave_nothing_behind(tmp_path, ray_session, monkeypatch):
+    storage = str(tmp_path / "store")
+    p = sweep_file(str(tmp_path), "fs", tracking={"optuna_storage": "sqlite:////nonexistent/dir/o.db"},
+                   search={"algorithm": "optuna", "num_samples": 2}, space={"diffusion.p2_gamma": {"choice": [0.0]}})
+    r = cli("run", p, "--storage", storage)
+    assert r.returncode == 2 and "tracking.optuna_storage" in r.stderr and "Traceback" not in r.stderr
+    _nothing_written(storage, "fs")
+    p = sweep_file(str(tmp_path), "fs")
+    r = cli("run", p, "--storage", storage, "--address", "127.0.0.1:1")
+    assert r.returncode == 2 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
+    _nothing_written(storage, "fs")
+    # Ctrl-C while the driver evaluates baselines (the MLflow parent run exists by then)
+    from sweeps import baselines
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(baselines, "evaluate", interrupted)
+    p = sweep_file(str(tmp_path), "fs", baselines=[{"name": "b", "checkpoint": p}])
+    assert sweep(ray_session, "run", p, "--storage", storage) == 130
+    _nothing_written(storage, "fs")
+
+
+# -- case 9 (and 12): errored trials stay errored unless asked ---------------------------------------------------------
+
+def test_errored_trials_are_retried_only_with_retry_errored(tmp_path, ray_session, capsys):
+    p = sweep_file(str(tmp_path), "err", space={"diffusion.p2_gamma": {"grid": [0.0]}}, max_failures=0,
+                   scheduler={"type": "none"})
+    storage = str(tmp_path / "store")
+    crash = {"crash_at": 100, "crash_always": True}
+    assert sweep(ray_session, "run", p, "--storage", storage, "--name", "err.v2", faults=crash) == 0
+    from sweeps.results import known_states
+
+    d = os.path.join(storage, "err.v2")
+    (st,) = known_states(d).values()
+    assert st["state"] == "ERROR"
+    capsys.readouterr()
+    assert sweep(ray_session, "status", "err.v2", "--storage", storage) == 0
+    assert "--retry-errored" in capsys.readouterr().out
+    assert sweep(ray_session, "resume", "err.v2", "--storage", storage, faults=crash) == 0
+    (st2,) = known_states(d).values()
+    assert st2["state"] == "ERROR" and st2["failures"] == st["failures"]  # no new attempt
+    assert sweep(ray_session, "resume", "err.v2", "--storage", storage, "--retry-errored") == 0
+    (st3,) = known_states(d).values()
+    assert st3["state"] == "TERMINATED"
+    c, runs = mlflow_runs(storage, "err.v2")
+    assert len([x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]) == 1
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+
+
+def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, capsys):
+    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    base["train"]["total_images"] = 1024  # about 15 s per trial here: the 6 s budget ends the sweep mid-way
+    base["train"]["eval_every_images"] = 512
+    p = sweep_file(str(tmp_path), "budget", base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
+                   scheduler={"type": "none"})
+    storage = str(tmp_path / "store")
+    capsys.readouterr()
+    assert sweep(ray_session, "run", p, "--storage", storage, "--time-budget", "6s") == 0
+    out = capsys.readouterr()
+    assert "time budget" in out.err and "p2sweep resume budget" in out.out
+    states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
+    assert len(states) == 2 and any(v["state"] in ("RUNNING", "PENDING", "PAUSED") for v in states.values())
+    c, runs = mlflow_runs(storage, "budget")
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    assert sweep(ray_session, "resume", "budget", "--storage", storage) == 0
+    states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
+    assert {v["state"] for v in states.values()} == {"TERMINATED"}
+    c, runs = mlflow_runs(storage, "budget")
+    kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
+    assert len(kids) == 2 and all(x.info.status == "FINISHED" for x in runs)
+    assert not os.path.exists(os.path.join(ROOT, "mlruns"))
