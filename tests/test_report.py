@@ -221,3 +221,33 @@ def test_report_opens_in_a_real_browser_with_its_images_loaded(written, tmp_path
 
     im = Image.open(shot).convert("L")
     assert im.size == (1200, 2400) and len(set(im.getdata())) > 20  # rendered text and figures, not a blank page
+
+
+def test_parameter_importance_from_optuna_and_its_minimum(tmp_path):
+    """PED-ANOVA on the sweep's study: withheld below the minimum of finite COMPLETE configurations (a diverged +inf
+    one does not count), shown above it with the parameter that decides the value first."""
+    import optuna
+
+    from sweeps.schedulers import param_importance
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="minimize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def add(n):
+        for _ in range(n):
+            t = study.ask({"gamma": optuna.distributions.FloatDistribution(0.0, 2.0),
+                           "noise": optuna.distributions.FloatDistribution(0.0, 1.0)})
+            study.tell(t, (t.params["gamma"] - 1.0) ** 2 + 0.01 * t.params["noise"])
+
+    add(6)
+    t = study.ask({"gamma": optuna.distributions.FloatDistribution(0.0, 2.0),
+                   "noise": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    study.tell(t, float("inf"))  # a configuration that diverged: COMPLETE with +inf, not counted
+    imp = param_importance(url, "s", minimum=8)
+    assert imp["complete"] == 6 and not imp["values"] and "not shown" in imp["note"]
+    add(44)
+    imp = param_importance(url, "s", minimum=8)
+    assert imp["complete"] == 50 and list(imp["values"])[0] == "gamma", imp
+    assert "PED-ANOVA" in imp["evaluator"]
+    assert param_importance(f"sqlite:///{tmp_path / 'o.db'}", "nosuch", 8)["note"].startswith("parameter importance: no")
