@@ -130,20 +130,16 @@ def _plt():
 
 def fig_weights(path: str, data: dict) -> str | None:
     """Weight vs SNR of every weighting in the sweep, each normalised to mean 1 over the T timesteps (Fig. 3)."""
-    import numpy as np
-
     from dataclasses import asdict
     from types import SimpleNamespace
 
+    import numpy as np
+
     from p2core.config import DiffusionConfig
     from p2core.schedules import named_snr
-    from p2core.weighting import make_weighting
+    from p2core.weighting import make_weighting, plot_weighting
 
-    plt = _plt()
-    from p2core.atomic import save_figure
-
-    seen = set()
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=DPI)
+    curves, seen = [], set()
     for arm in data["arms"].values():
         vals = {**asdict(DiffusionConfig()), **data["sweep"]["base"].get("diffusion", {}),
                 **{k.split(".", 1)[1]: v for k, v in arm["params"].items() if k.startswith("diffusion.")}}
@@ -153,16 +149,9 @@ def fig_weights(path: str, data: dict) -> str | None:
             continue
         seen.add(key)
         snr = named_snr(d.noise_schedule, d.diffusion_steps)
-        w = make_weighting(d.weighting, d.p2_gamma, d.p2_k, d.min_snr_gamma)(snr)
-        ax.plot(snr, w / np.mean(w), label=f"{d.noise_schedule}: {make_weighting(d.weighting, d.p2_gamma, d.p2_k, d.min_snr_gamma).label}")
-    for x in (1e-2, 1.0):
-        ax.axvline(x, color="grey", lw=0.7, ls="--")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("SNR(t)  (dashed: coarse | content | clean-up)")
-    ax.set_ylabel("weight / mean weight")
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
+        w = make_weighting(d.weighting, d.p2_gamma, d.p2_k, d.min_snr_gamma)
+        curves.append((f"{d.noise_schedule}: {w.label}", snr, w(snr) / np.mean(w(snr))))
+    return plot_weighting(path, curves, title="weight / its mean over the T steps (dashed: the 3 SNR phases)")
 
 
 def _colour(data: dict, g: str):
