@@ -46,10 +46,10 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
     labels = {g: A.arm_label(p, meta.base) for g, p in params.items()}
     label_of = lambda r: labels.get(r.group) if r.group >= 0 else A.arm_label(r.config, meta.base)
     names = A.family(trials, meta.metric)
-    rows_by_point = {}
+    rows_of = {}
     for ts in groups.values():
         for t in ts:
-            rows_by_point[t.trial_id] = A.trial_rows(t)
+            rows_of[t.trial_id] = A.trial_rows(t)
     curves = {name: {str(g): A.curve(ts, name) for g, ts in groups.items()} for name in names}
     ranked = R.group_rows(trials, meta.metric, meta.max_images, len(meta.seeds))
     tables = {}
@@ -82,11 +82,11 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
         c["headline"] = heads[(str(c["arm"]), c["metric"])] is c
     phases = {}
     for g, ts in groups.items():
-        phases[str(g)] = A.mean_phase_curve([A.phase_losses(rows_by_point[t.trial_id]) for t in ts])
+        phases[str(g)] = A.mean_phase_curve([A.phase_losses(rows_of[t.trial_id]) for t in ts])
     stops = [{"trial": t.trial_id, "group": str(A.group_key(t)), "seed": t.seed, "images_seen": t.last_rung[0],
               "judged_on": t.last_rung[1], "value": t.last_rung[2]}
              for t in trials if t.state == "STOPPED" and t.last_rung]
-    costs = [A.trial_cost(t, rows_by_point[t.trial_id]) for t in trials]
+    costs = [A.trial_cost(t, rows_of[t.trial_id]) for t in trials]
     cost = A.cost_summary(costs, meta.max_images)
     raw = meta.raw or {}
     return {

@@ -1,14 +1,13 @@
 """Sweeps that stop early, on a local Ray of this module (split from test_sweep.py so that the two run side by side
 under `make test`'s two workers): a start that fails leaves nothing behind, errored trials stay errored unless
 asked, a time budget stops cleanly and resume finishes."""
-import json  # noqa: F401
+import json
 import os
 
-import pytest  # noqa: F401
 import yaml
 
 from test_config_cli import ROOT
-from test_sweep import cli, mlflow_runs, ray_session, sweep, sweep_file, trials_of  # noqa: F401  (ray_session: its own Ray)
+from test_sweep import cli, mlflow_runs, ray_session, sweep, sweep_file  # noqa: F401  (ray_session: its own Ray)
 
 
 # -- case 6: a run that fails before it can start leaves nothing behind ----------------------------------------------
