@@ -345,8 +345,9 @@ def ref_cache_path(cache_dir: str, dataset_key: str, image_size: int, extractor_
 
 
 def reference_stats(images, dataset_key: str, extractor, *, image_size: int, ref_samples: int = 0, cache_dir="",
-                    device="cpu", batch_size=64, progress=False) -> dict:
-    """{mu, sigma, feats, n} of the training set (the first ref_samples of a seed-0 permutation), cached."""
+                    device="cpu", batch_size=64, progress=False, on_compute=None) -> dict:
+    """{mu, sigma, feats, n} of the training set (the first ref_samples of a seed-0 permutation), cached.
+    `on_compute(path)` is called when they are computed here rather than read from the cache."""
     path = ref_cache_path(cache_dir, dataset_key, image_size, extractor.name, ref_samples)
 
     def load():
@@ -358,6 +359,8 @@ def reference_stats(images, dataset_key: str, extractor, *, image_size: int, ref
     with file_lock(path + ".lock"):
         if os.path.exists(path):
             return load()
+        if on_compute is not None:
+            on_compute(path)
         n = len(images)
         idx = np.random.default_rng(0).permutation(n)[: ref_samples] if ref_samples and ref_samples < n else np.arange(n)
         idx.sort()
@@ -380,6 +383,7 @@ class Evaluator:
         ev = cfg.eval
         self.extractor = extractor_from_config(ev)
         self._ref = None
+        self.ref_computed = False  # True when this evaluator computed the reference statistics (not from the cache)
 
     @property
     def ref(self) -> dict:
@@ -388,8 +392,11 @@ class Evaluator:
             self._ref = reference_stats(self.images, self.dataset_key, self.extractor,
                                         image_size=self.cfg.model.image_size, ref_samples=ev.ref_samples,
                                         cache_dir=ev.cache_dir, device=self.device, batch_size=min(ev.batch_size, 128),
-                                        progress=self.progress)
+                                        progress=self.progress, on_compute=self._computed)
         return self._ref
+
+    def _computed(self, path: str) -> None:
+        self.ref_computed = True
 
     def configured_metrics(self, specs) -> list[str]:
         """The config's metric names (eval.metrics at eval.num_samples) for these sampling specs."""

@@ -61,11 +61,10 @@ def parse_baselines(raw, base: dict, here: str) -> list[dict]:
 
 
 def load_results(exp_dir: str) -> dict:
-    p = os.path.join(exp_dir, FILE)
-    if not os.path.exists(p):
-        return {}
-    with open(p) as f:
-        return json.load(f)
+    from .storage import join, read_text
+
+    text = read_text(join(exp_dir, FILE))
+    return json.loads(text) if text else {}
 
 
 def evaluate_one(b: dict, base: dict, cache_dir: str, threads: int = 0) -> tuple[dict, dict]:
@@ -97,7 +96,7 @@ def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tr
     sweep passes a Ray task); returns {name: {metrics..., checkpoint}}."""
     if not baselines:
         return {}
-    from p2core.atomic import atomic_write_text
+    from .storage import join, write_text
 
     run = run or (lambda b: evaluate_one(b, base, cache_dir))
     done = load_results(exp_dir)
@@ -106,7 +105,7 @@ def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tr
             continue
         res, cfg_dict = run(b)
         done[b["name"]] = res
-        atomic_write_text(os.path.join(exp_dir, FILE), json.dumps(done, indent=1, default=str))
+        write_text(join(exp_dir, FILE), json.dumps(done, indent=1, default=str))
         if tracker is not None:
             tracker(b, config_from_dict(cfg_dict), res)
     return done

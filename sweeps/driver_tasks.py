@@ -24,8 +24,10 @@ def _threads(opts: dict) -> int:
 
 
 def build_reference(base: dict, cache_dir: str, threads: int) -> dict:
-    """The reference statistics of the sweep's dataset into `cache_dir` (under its file lock: one computation,
-    however many callers); returns {computed, seconds, path, node}."""
+    """The reference statistics of the sweep's dataset, once: into `cache_dir` when it is a path every node sees
+    (under its file lock: one computation however many callers), or, when it is in object storage, into this
+    node's own cache and then uploaded (found there, they are copied, not recomputed). Returns {computed, seconds,
+    path (where the trials find them), node}."""
     import torch
 
     from p2core.config import config_from_dict
@@ -33,17 +35,27 @@ def build_reference(base: dict, cache_dir: str, threads: int) -> dict:
     from p2core.evaluation import extractor_from_config, ref_cache_path, reference_stats
     from p2core.trainer import resolve_device
 
+    from . import storage
+
     cfg = config_from_dict(base)
     torch.set_num_threads(threads)
+    remote = storage.is_uri(cache_dir)
+    local_cache = "" if remote else cache_dir  # "": this node's default cache
     dev = resolve_device(cfg.train.device)
     imgs, key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
     ext = extractor_from_config(cfg.eval)
-    path = ref_cache_path(cache_dir, key, cfg.model.image_size, ext.name, cfg.eval.ref_samples)
-    had = os.path.exists(path)
+    path = ref_cache_path(local_cache, key, cfg.model.image_size, ext.name, cfg.eval.ref_samples)
+    shared = storage.join(cache_dir, "refstats", os.path.basename(path)) if remote else path
     t0 = time.perf_counter()
+    computed = []
+    if remote:
+        storage.fetch(shared, path)
     reference_stats(imgs, key, ext, image_size=cfg.model.image_size, ref_samples=cfg.eval.ref_samples,
-                    cache_dir=cache_dir, device=dev, batch_size=min(cfg.eval.batch_size, 128), progress=True)
-    return {"computed": not had, "seconds": time.perf_counter() - t0, "path": path,
+                    cache_dir=local_cache, device=dev, batch_size=min(cfg.eval.batch_size, 128), progress=True,
+                    on_compute=computed.append)
+    if remote and not storage.exists(shared):
+        storage.upload(path, shared)
+    return {"computed": bool(computed), "seconds": time.perf_counter() - t0, "path": shared,
             "node": os.environ.get("RAY_NODE_ID", "") or __import__("socket").gethostname()}
 
 
@@ -59,12 +71,23 @@ def reference_as_task(base: dict, cache_dir: str, cpu: float, gpu: float) -> dic
     return out
 
 
-def baseline_runner(base: dict, cache_dir: str, cpu: float, gpu: float):
-    """A `run(b)` for `baselines.evaluate` that evaluates each baseline as a Ray task."""
+def baseline_runner(base: dict, cache_dir: str, ref_file: str, cpu: float, gpu: float):
+    """A `run(b)` for `baselines.evaluate` that evaluates each baseline as a Ray task (with the sweep's reference
+    statistics copied into the node's cache first when they live in object storage)."""
     import ray
 
+    opts = task_options(cpu, gpu)
+    task = ray.remote(_baseline_task).options(**opts)
+    return lambda b: ray.get(task.remote(b, base, cache_dir, ref_file, _threads(opts)))
+
+
+def _baseline_task(b: dict, base: dict, cache_dir: str, ref_file: str, threads: int):
+    from . import storage
     from .baselines import evaluate_one
 
-    opts = task_options(cpu, gpu)
-    task = ray.remote(evaluate_one).options(**opts)
-    return lambda b: ray.get(task.remote(b, base, cache_dir, _threads(opts)))
+    if storage.is_uri(cache_dir):
+        from p2core.data import default_cache_dir
+
+        storage.fetch(ref_file, os.path.join(default_cache_dir(""), "refstats", storage.basename(ref_file)))
+        cache_dir = ""
+    return evaluate_one(b, base, cache_dir, threads)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 from p2core.errors import UserError
 
+from .storage import is_uri, join, read_text, write_text
+
 META = "p2sweep.json"
 STATES = "p2sweep_trials.json"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -27,15 +29,13 @@ def validate_name(name: str, key: str = "--name") -> str:
 
 
 def storage_root(storage: str | None) -> str:
-    return storage or os.environ.get("P2SWEEP_STORAGE") or os.path.join(os.path.expanduser("~"), "p2sweep")
-
-
-def is_uri(storage: str) -> bool:
-    return "://" in storage
+    """The storage as given (--storage, $P2SWEEP_STORAGE, ~/p2sweep): an absolute local path or a URI."""
+    root = storage or os.environ.get("P2SWEEP_STORAGE") or os.path.join(os.path.expanduser("~"), "p2sweep")
+    return root.rstrip("/") if is_uri(root) else os.path.abspath(root)
 
 
 def exp_dir(name: str, storage: str | None) -> str:
-    return os.path.join(storage_root(storage), validate_name(name, "sweep name"))
+    return join(storage_root(storage), validate_name(name, "sweep name"))
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Paths:
     storage: str          # absolute storage root (or a URI)
     mlflow_uri: str
     optuna_storage: str
-    cache_dir: str
+    cache_dir: str        # reference statistics (and, for a path storage, the decoded-image cache)
 
 
 @dataclass
@@ -62,19 +62,20 @@ class SweepMeta:
     sweep_dir: str = "."
     address: str | None = None
     seeds: list = field(default_factory=lambda: [0])
+    moved_from: str = ""  # the storage root recorded when it was last saved, where it differs from where it is now
 
     @property
     def dir(self) -> str:
-        return os.path.join(self.paths.storage, self.name)
+        return join(self.paths.storage, self.name)
 
     @property
     def study_name(self) -> str:
         return f"{self.name}-{self.sweep_id[:8]}"
 
     def save(self) -> None:
-        from p2core.atomic import atomic_write_text
-
-        atomic_write_text(os.path.join(self.dir, META), json.dumps(asdict(self), indent=1, default=str))
+        d = asdict(self)
+        d.pop("moved_from")
+        write_text(join(self.dir, META), json.dumps(d, indent=1, default=str))
 
     @staticmethod
     def new_id() -> str:
@@ -83,12 +84,14 @@ class SweepMeta:
 
 def load_meta(name: str, storage: str | None) -> SweepMeta:
     d = exp_dir(name, storage)
-    p = os.path.join(d, META)
-    if not os.path.isfile(p):
+    p = join(d, META)
+    text = read_text(p)
+    if text is None:
         raise UserError(f"unknown sweep {name!r} in storage {storage_root(storage)} (no {META} in {d})")
-    with open(p) as f:
-        data = json.load(f)
     try:
+        data = json.loads(text)
+        data.pop("moved_from", None)
+        _follow_move(data, storage_root(storage))
         from p2core.metrics import canonical_metric_name
 
         # a sweep run before names were normalised may spell the count its own way (kid1000_ddim25): its trials
@@ -96,5 +99,21 @@ def load_meta(name: str, storage: str | None) -> SweepMeta:
         data["metric"] = canonical_metric_name(data["metric"])
         data["paths"] = Paths(**data["paths"])
         return SweepMeta(**data)
-    except (TypeError, KeyError, ValueError) as e:
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise UserError(f"{p}: not a p2sweep metadata file of this version ({e})") from None
+
+
+def _follow_move(data: dict, root: str) -> None:
+    """A storage folder that was moved or copied: the files that lived in it (the default SQLite stores, the
+    reference statistics) are now under its new root. Paths elsewhere (a tracking server, a shared cache) stay."""
+    old = data["paths"]["storage"]
+    if old == root:
+        return
+    for k in ("mlflow_uri", "optuna_storage", "cache_dir"):
+        v = data["paths"][k]
+        for prefix in ("sqlite:///", ""):
+            if v.startswith(prefix + old + "/") or v == prefix + old:
+                data["paths"][k] = prefix + root + v[len(prefix + old):]
+                break
+    data["paths"]["storage"] = root
+    data["moved_from"] = old

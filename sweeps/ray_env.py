@@ -38,6 +38,23 @@ def prepare(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+# where object storage is (not who may use it): passed to every Ray worker of the sweep, on any node. Credentials are
+# never passed this way (they would sit in the job's runtime_env): each node has its own.
+STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def storage_env(endpoint: str = "", region: str = "") -> None:
+    """The sweep file's tracking.s3_endpoint_url / s3_region, where the environment does not already say."""
+    if endpoint and not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+        os.environ["AWS_REGION"] = region
+    # MLflow's own S3 client (artifacts logged straight to an s3:// artifact root) reads only this variable
+    ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if ep and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = ep
+
+
 def init_ray(address: str | None) -> None:
     prepare(address)
     address = resolve_address(address)
@@ -45,12 +62,14 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+    extra = {"runtime_env": {"env_vars": env}} if env else {}
     if address is None:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING", configure_logging=True)
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", configure_logging=True, **extra)
         return
     probe(address)
     try:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", **extra)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         hint = ""

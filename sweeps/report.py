@@ -26,7 +26,7 @@ RUNG_METRIC = "rung_metric"   # the metric name of rung_score
 # fields of a result that are not evaluation numbers (ours and Tune's)
 RESERVED = {"images_seen", "final", "diverged", "nonfinite_metric", SCORE, "loss", "training_iteration",
             "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore", "iterations_since_restore",
-            "done", "node_ip", "train_log", "diverged_reason", "trial_id", "date", "hostname", "checkpoint_dir_name",
+            "done", "node_ip", "node", "reference", "train_log", "diverged_reason", "trial_id", "date", "hostname", "checkpoint_dir_name",
             "should_checkpoint", "experiment_tag", "reported_at", RUNG_SCORE, RUNG_METRIC, "points"}
 
 
@@ -50,6 +50,8 @@ class TrialReport:
     evals: dict = field(default_factory=dict)       # every metric name evaluated at this point -> value
     train_log: list = field(default_factory=list)   # training log records since the previous report
     node_ip: str = ""
+    node: str = ""                                    # the Ray node: its --node-name, else the start of its id
+    reference: str = ""                               # where the trial's reference statistics came from
     diverged_reason: str = ""
     checkpoint: str = ""                              # Tune's checkpoint dir name (set by Tune, read back only)
     rung_metric: str = ""                             # "" = the sweep metric
@@ -76,7 +78,9 @@ class TrialReport:
         r = {**self.evals, SCORE: score, RUNG_SCORE: self.rung_value, RUNG_METRIC: self.rung_metric,
              "images_seen": self.images_seen,
              "final": int(self.final), "diverged": int(self.diverged), "nonfinite_metric": int(self.nonfinite_metric),
-             "train_log": json.dumps(self.train_log), "node_ip": self.node_ip, "reported_at": time.time()}
+             "train_log": json.dumps(self.train_log), "node_ip": self.node_ip, "node": self.node,
+             "reference": self.reference,
+             "reported_at": time.time()}
         if self.value is not None:
             r[self.metric] = self.value
         if self.train_log:
@@ -101,7 +105,8 @@ class TrialReport:
             evals[metric] = v
         return cls(metric=metric, value=v, images_seen=int(r.get("images_seen", 0) or 0), final=bool(r.get("final")),
                    diverged=bool(r.get("diverged")), nonfinite_metric=bool(r.get("nonfinite_metric")) or bad,
-                   evals=evals, train_log=log, node_ip=str(r.get("node_ip", "")),
+                   evals=evals, train_log=log, node_ip=str(r.get("node_ip", "")), node=str(r.get("node", "")),
+                   reference=str(r.get("reference", "")),
                    diverged_reason=str(r.get("diverged_reason", "")), checkpoint=str(r.get("checkpoint_dir_name") or ""),
                    rung_metric=rung_metric, rung_value=rung_value)
 

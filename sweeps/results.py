@@ -8,15 +8,14 @@ checkpoint repeats some image counts, and the later report wins.
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass, field
 
 from p2core.metrics import canonical_metric_name, is_metric_name, parse_metric_name
 
+from . import storage as S
 from .meta import STATES
 from .report import GROUP_KEY, TrialReport
 
@@ -24,14 +23,13 @@ UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
 
 def read_results(path: str) -> list[dict]:
+    """The reports in a trial's `result.json` (a local path or a storage URI); stops at a torn last line."""
     out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
+    for line in (S.read_text(path) or "").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
     return out
 
 
@@ -39,11 +37,11 @@ def tune_states(d: str) -> dict:
     """{trial_id: {state, diverged, images_seen, config, dir, errors}} from the experiment state Tune saved last
     (saved before Tune tears its trials down, so an interrupted trial is still RUNNING there). States: TERMINATED
     (trained to the end), STOPPED (ended early by ASHA), DIVERGED, ERROR, or RUNNING/PENDING/PAUSED (interrupted)."""
-    files = sorted(glob.glob(os.path.join(d, "experiment_state-*.json")))  # named by session start time
-    if not files:
+    files = S.glob(d, "experiment_state-*.json")  # named by session start time
+    text = S.read_text(files[-1]) if files else None
+    if text is None:
         return {}
-    with open(files[-1]) as f:
-        data = json.load(f)
+    data = json.loads(text)
     out = {}
     for item in data.get("trial_data", []):
         tr, rt = (json.loads(x) if isinstance(x, str) else x for x in item)
@@ -64,11 +62,8 @@ def known_states(d: str) -> dict:
     st = tune_states(d)
     if st:
         return st
-    p = os.path.join(d, STATES)
-    if os.path.exists(p):
-        with open(p) as f:
-            return json.load(f)
-    return {}
+    text = S.read_text(S.join(d, STATES))
+    return json.loads(text) if text else {}
 
 
 @dataclass
@@ -85,6 +80,7 @@ class Trial:
     checkpoints: dict = field(default_factory=dict)  # images_seen -> checkpoint directory still on disk
     diverged: bool = False
     node_ip: str = ""
+    node: str = ""         # the Ray nodes it reported from, in order ("node_b > 3f2a9c01" after a node was lost)
     last_rung: tuple = ()  # (images_seen, rung metric, rung score) of the last report: what ASHA judged last
 
     @property
@@ -105,22 +101,23 @@ class Trial:
 def load_trials(d: str, metric: str) -> list[Trial]:
     states = known_states(d)
     dirs = {}
-    for rj in glob.glob(os.path.join(d, "*", "result.json")):
+    for rj in S.children_with(d, "result.json"):
         rows = read_results(rj)
         if rows:
-            dirs[rows[0].get("trial_id")] = (os.path.dirname(rj), rows)
+            dirs[rows[0].get("trial_id")] = (S.dirname(rj), rows)
     ids = list(states) if states else sorted(dirs)
     trials = []
     for tid in ids:
         st = states.get(tid, {})
-        tdir, rows = dirs.get(tid, (os.path.join(d, st.get("dir", "")) if st.get("dir") else "", []))
+        tdir, rows = dirs.get(tid, (S.join(d, st.get("dir", "")) if st.get("dir") else "", []))
         by_point: dict = {}
         ckpts: dict = {}
+        kept = set(S.glob(tdir, "checkpoint_*")) if tdir else set()  # one listing, not one request per report
         for r in rows:  # a resumed trial may repeat image counts: the later report wins
             rep = TrialReport.from_result(metric, r)
             by_point[rep.images_seen] = rep
-            if rep.checkpoint and os.path.isdir(os.path.join(tdir, rep.checkpoint)):
-                ckpts[rep.images_seen] = os.path.join(tdir, rep.checkpoint)
+            if rep.checkpoint and S.join(tdir, rep.checkpoint) in kept:
+                ckpts[rep.images_seen] = S.join(tdir, rep.checkpoint)
         reps = [by_point[k] for k in sorted(by_point)]
         config = st.get("config") or (rows[0].get("config", {}) if rows else {})
         last = reps[-1] if reps else None
@@ -134,6 +131,7 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             points={r.images_seen: dict(r.evals) for r in reps},
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
+            node=" > ".join(dict.fromkeys(r.node for r in reps if r.node)),
             last_rung=_last_rung(last, metric)))
     return trials
 
@@ -154,7 +152,7 @@ def _state_from_files(last, tdir) -> str:
         return "DIVERGED"
     if last.final:
         return "TERMINATED"
-    if tdir and os.path.exists(os.path.join(tdir, "error.txt")):
+    if tdir and S.exists(S.join(tdir, "error.txt")):
         return "ERROR"
     return "STOPPED"
 
@@ -165,7 +163,7 @@ def rung_history(d: str, metric: str) -> list[tuple]:
     them on resume)."""
     known = known_states(d)
     out = []
-    for rj in glob.glob(os.path.join(d, "*", "result.json")):
+    for rj in S.children_with(d, "result.json"):
         for r in read_results(rj):
             if known and r.get("trial_id") not in known:
                 continue
@@ -190,7 +188,7 @@ def _fmt(v):
 
 def status_rows(trials: list[Trial], metric: str):
     keys = sorted({k for t in trials for k in t.params})
-    header = ["trial", "config", "seed"] + keys + ["state", "images", f"latest {metric}", f"best {metric}"]
+    header = ["trial", "config", "seed"] + keys + ["state", "images", f"latest {metric}", f"best {metric}", "node"]
     # multi-fidelity: a trial stopped at a low rung has no sweep-metric value; say what it was judged on
     low = any(t.last_rung and t.last_rung[1] != metric for t in trials)
     if low:
@@ -199,7 +197,7 @@ def status_rows(trials: list[Trial], metric: str):
     for t in trials:
         state = t.state + (" (kept; resume --retry-errored retries it)" if t.state == "ERROR" else "")
         row = ([t.trial_id, str(t.group), str(t.seed)] + [_fmt(t.params.get(k)) for k in keys] +
-               [state, str(t.images_seen), _fmt(t.latest), _fmt(t.best)])
+               [state, str(t.images_seen), _fmt(t.latest), _fmt(t.best), t.node or t.node_ip or "-"])
         if low:
             r = t.last_rung
             row.append(f"{r[1]} = {_fmt(r[2])} at {r[0]}" if r and r[1] != metric else "-")

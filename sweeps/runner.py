@@ -7,9 +7,7 @@ MLflow parent run, the Optuna study, the experiment folder), so the same `run` c
 from __future__ import annotations
 
 import functools
-import glob
 import os
-import shutil
 import sys
 import tempfile
 
@@ -17,7 +15,8 @@ from p2core.errors import UserError
 
 from . import ray_env
 from . import results as R
-from .meta import META, STATES, Paths, SweepMeta, is_uri, load_meta, validate_name
+from . import storage as S
+from .meta import META, STATES, Paths, SweepMeta, load_meta, storage_root, validate_name
 from .spec import SweepSpec, parse_sweep
 
 
@@ -25,15 +24,24 @@ def tracking_uri(spec_uri: str, storage: str) -> str:
     uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
+    if S.is_uri(storage):
+        raise UserError(f"--storage {storage}: an object-storage sweep needs an MLflow tracking server (SQLite "
+                        "cannot live in a bucket): set tracking.mlflow_uri in the sweep file or MLFLOW_TRACKING_URI")
     return "sqlite:///" + os.path.join(os.path.abspath(storage), "mlflow.db")
 
 
 def resolve_paths(spec: SweepSpec, storage: str) -> Paths:
-    if is_uri(storage):
-        # p2sweep's own reads and writes (metadata, trial states, results, ASHA rebuild) use local paths today
-        raise UserError(f"--storage {storage}: object storage is not supported yet; use a path on a filesystem "
-                        "every node mounts (NFS)")
-    root = os.path.abspath(storage)
+    """Where the sweep's parts live. A path storage holds everything (SQLite stores, reference statistics); an
+    object storage holds Tune's state, the trials, p2sweep's files and the reference statistics, while MLflow and
+    Optuna need servers (databases do not live in buckets)."""
+    root = storage_root(storage)
+    if S.is_uri(root):
+        S.resolve(root)  # a URI without a bucket, an unknown scheme: say so now
+        if spec.algorithm == "optuna" and not spec.optuna_storage:
+            raise UserError(f"--storage {root}: an Optuna sweep on object storage needs tracking.optuna_storage (a "
+                            "database URL every node and resume can reach, e.g. postgresql://...)")
+        return Paths(storage=root, mlflow_uri=tracking_uri(spec.mlflow_uri, root),
+                     optuna_storage=spec.optuna_storage, cache_dir=spec.cache_dir or S.join(root, "cache"))
     return Paths(storage=root, mlflow_uri=tracking_uri(spec.mlflow_uri, root),
                  optuna_storage=spec.optuna_storage or ("sqlite:///" + os.path.join(root, "optuna.db")),
                  cache_dir=spec.cache_dir or os.path.join(root, "cache"))
@@ -60,24 +68,27 @@ def provenance() -> dict:
 
 
 def precompute_reference(spec: SweepSpec, paths: Paths) -> dict:
-    """The reference statistics, once per sweep, as a Ray task before the trials start (trials then read the cache)."""
+    """The reference statistics, once per sweep, as a Ray task before the trials start (trials then read them from
+    the cache or, for object storage, copy them from it)."""
     from .driver_tasks import reference_as_task
 
     out = reference_as_task(spec.base, paths.cache_dir, spec.cpu, spec.gpu)
-    print(f"reference statistics: {'computed' if out['computed'] else 'cached'} in {out['wall_seconds']:.1f} s",
-          file=sys.stderr)
+    print(f"reference statistics: {'computed' if out['computed'] else 'found in ' + out['path']} in "
+          f"{out['wall_seconds']:.1f} s", file=sys.stderr)
     return out
 
 
 # -- building the Tuner -------------------------------------------------------------------------------------------
 
-def build_trainable(spec: SweepSpec, paths: Paths):
+def build_trainable(spec: SweepSpec, paths: Paths, ref_file: str = ""):
     from ray import tune
 
     from .trainable import TrialInfo, run_trial
 
+    # a cache in object storage: each node keeps its own local cache and copies the reference statistics into it
+    local = not S.is_uri(paths.cache_dir)
     info = TrialInfo(metric=spec.metric, rungs=spec.rungs(), rung_metrics=spec.rung_metric_map(), cpu=spec.cpu,
-                     cache_dir=paths.cache_dir)
+                     cache_dir=paths.cache_dir if local else "", ref_file="" if local else ref_file)
     fn = tune.with_parameters(run_trial, base=spec.base, info=info)
     res = {"cpu": spec.cpu}
     if spec.gpu:
@@ -111,7 +122,7 @@ def trial_name(trial) -> str:
     return f"g{trial.config.get(GROUP_KEY, '-')}s{trial.config.get('train.seed', '-')}-{trial.trial_id}"
 
 
-def new_tuner(spec: SweepSpec, meta: SweepMeta):
+def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str):
     from ray import tune
 
     from .report import SCORE
@@ -119,14 +130,15 @@ def new_tuner(spec: SweepSpec, meta: SweepMeta):
 
     tracker = MLflowTracker(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, spec.base_config().flat(),
                             spec.metric, spec.max_images, meta.name, meta.dir)
+    storage_path, fs = S.ray_storage(meta.paths.storage)
     return tune.Tuner(
-        build_trainable(spec, meta.paths), param_space={},
+        build_trainable(spec, meta.paths, ref_file), param_space={},
         tune_config=tune.TuneConfig(num_samples=spec.num_trials(), search_alg=make_searcher(spec, meta),
                                     scheduler=make_scheduler(spec, meta.dir),
                                     reuse_actors=False, trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=meta.name, storage_path=meta.paths.storage, callbacks=[tracker],
+            name=meta.name, storage_path=storage_path, storage_filesystem=fs, callbacks=[tracker],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # the trial's own files (p2/: metrics.jsonl, sample grids, loss.png) reach the storage from any node, at
             # every reported checkpoint; without it they stay in the node's /tmp/ray session
@@ -142,18 +154,20 @@ def new_tuner(spec: SweepSpec, meta: SweepMeta):
 def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budget_s: float | None,
         spec_dir: str = ".") -> int:
     validate_name(name)
+    ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
     paths = resolve_paths(spec, storage)
-    d = os.path.join(paths.storage, name)
-    if os.path.exists(os.path.join(d, META)):
+    d = S.join(paths.storage, name)
+    if S.exists(S.join(d, META)):
         raise UserError(f"sweep {name!r} already exists in {paths.storage}: `p2sweep resume {name}` continues it, "
                         "--name starts another")
     ray_env.prepare(address)
-    os.makedirs(paths.storage, exist_ok=True)  # the default SQLite files live in it
+    if not S.is_uri(paths.storage):
+        os.makedirs(paths.storage, exist_ok=True)  # the default SQLite files live in it
     sweep_id = SweepMeta.new_id()
     meta = SweepMeta(name=name, sweep_id=sweep_id, metric=spec.metric, max_images=spec.max_images, base=spec.base,
                      source_yaml=spec.source_yaml, raw=spec.raw, paths=paths, parent_run_id="", experiment=name,
                      sweep_dir=spec_dir, address=address, seeds=list(spec.seeds))
-    created_dir = not os.path.exists(d)
+    created_dir = not S.exists(d)
     study = None
     c = None
     try:
@@ -179,12 +193,12 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
                   **provenance()}
         c.log_batch(meta.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         c.log_text(meta.parent_run_id, spec.source_yaml, "sweep.yaml")
-        run_baselines(spec, meta)
+        run_baselines(spec, meta, ref["path"])
         meta.save()
     except BaseException:
         _undo_start(meta, c, study, created_dir)
         raise
-    return _fit(spec, meta, address, time_budget_s, restore=False)
+    return _fit(spec, meta, address, time_budget_s, restore=False, ref_file=ref["path"])
 
 
 def _undo_start(meta: SweepMeta, c, study, created_dir: bool) -> None:
@@ -199,11 +213,14 @@ def _undo_start(meta: SweepMeta, c, study, created_dir: bool) -> None:
             optuna.delete_study(study_name=meta.study_name, storage=meta.paths.optuna_storage)
     except Exception as e:  # the original error matters more
         print(f"p2sweep: could not clean up the MLflow run/Optuna study of the failed start: {e}", file=sys.stderr)
-    if created_dir and os.path.isdir(meta.dir) and not os.path.exists(os.path.join(meta.dir, META)):
-        shutil.rmtree(meta.dir, ignore_errors=True)
+    try:
+        if created_dir and S.isdir(meta.dir) and not S.exists(S.join(meta.dir, META)):
+            S.remove_tree(meta.dir)
+    except Exception as e:
+        print(f"p2sweep: could not remove {meta.dir} of the failed start: {e}", file=sys.stderr)
 
 
-def run_baselines(spec: SweepSpec, meta: SweepMeta) -> None:
+def run_baselines(spec: SweepSpec, meta: SweepMeta, ref_file: str) -> None:
     if not spec.baselines:
         return
     from . import baselines
@@ -214,7 +231,7 @@ def run_baselines(spec: SweepSpec, meta: SweepMeta) -> None:
     baselines.evaluate(spec.baselines, spec.base, meta.dir, p.cache_dir,
                        tracker=lambda b, cfg, res: log_baseline(p.mlflow_uri, meta.experiment, meta.parent_run_id, b,
                                                                 cfg, res),
-                       run=baseline_runner(spec.base, p.cache_dir, spec.cpu, spec.gpu))
+                       run=baseline_runner(spec.base, p.cache_dir, ref_file, spec.cpu, spec.gpu))
 
 
 def spec_of(meta: SweepMeta) -> SweepSpec:
@@ -231,6 +248,11 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     meta = load_meta(name, storage)
     ray_env.prepare(address)
     spec = spec_of(meta)
+    ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
+    if meta.moved_from:
+        from .tracking import follow_move
+
+        follow_move(meta)
     if spec.algorithm == "optuna":
         from .schedulers import open_study
 
@@ -242,14 +264,19 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     except Exception as e:  # MLflow never stops a sweep: `finish` closes the books when it is back
         print(f"p2sweep: MLflow is not reachable ({str(e).splitlines()[0][:200]}); resuming without it",
               file=sys.stderr)
-    run_baselines(spec, meta)  # those already evaluated are skipped
+    ray_env.init_ray(address)
+    # the statistics the sweep computed are found again (in the storage or the shared cache), not recomputed
+    ref = precompute_reference(spec, meta.paths)
+    run_baselines(spec, meta, ref["path"])  # those already evaluated are skipped
     # Tune's tuner.pkl exists from the start, its experiment state only after the first save: without it (the
     # driver died within seconds) Tune's restore would quietly start a one-trial experiment, so start afresh
-    restore = bool(glob.glob(os.path.join(meta.dir, "experiment_state-*.json")))
-    return _fit(spec, meta, address, time_budget_s, restore=restore, retry_errored=retry_errored)
+    restore = bool(S.glob(meta.dir, "experiment_state-*.json"))
+    return _fit(spec, meta, address, time_budget_s, restore=restore, retry_errored=retry_errored,
+                ref_file=ref["path"])
 
 
-def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool, retry_errored: bool = False) -> int:
+def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool, retry_errored: bool = False,
+         ref_file: str = "") -> int:
     ray_env.init_ray(address)
     from ray import tune
 
@@ -259,10 +286,11 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
     if restore:
         # ERROR trials stay errored unless asked: Tune keeps their failure count, so retrying on every resume would
         # rerun a configuration that fails (out of memory, say) once per --time-budget slice
-        tuner = tune.Tuner.restore(meta.dir, build_trainable(spec, meta.paths), resume_unfinished=True,
-                                   resume_errored=retry_errored, restart_errored=False)
+        path, fs = S.ray_storage(meta.dir)
+        tuner = tune.Tuner.restore(path, build_trainable(spec, meta.paths, ref_file), resume_unfinished=True,
+                                   resume_errored=retry_errored, restart_errored=False, storage_filesystem=fs)
     else:
-        tuner = new_tuner(spec, meta)
+        tuner = new_tuner(spec, meta, ref_file)
     interrupted = False
     budget = {"hit": False}
     timer = None
@@ -291,9 +319,7 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
     if states:
         import json
 
-        from p2core.atomic import atomic_write_text
-
-        atomic_write_text(os.path.join(meta.dir, STATES), json.dumps(states, indent=1, default=str))
+        S.write_text(S.join(meta.dir, STATES), json.dumps(states, indent=1, default=str))
     interrupted = interrupted or any(v["state"] in R.UNFINISHED for v in states.values())
     trials = finish(meta, interrupted)
     from .table import format_table

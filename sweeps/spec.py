@@ -16,7 +16,8 @@
     resources: {cpu: 1, gpu: 0}
     max_failures: 1
     storage: ""                         # default $P2SWEEP_STORAGE or ~/p2sweep
-    tracking: {mlflow_uri: "", optuna_storage: "", cache_dir: ""}
+    tracking: {mlflow_uri: "", optuna_storage: "", cache_dir: "",
+               s3_endpoint_url: "", s3_region: ""}   # object storage: used where AWS_ENDPOINT_URL_S3/AWS_REGION are unset
     baselines: [{name: official, checkpoint: ema.pt, overrides: {}}]   # evaluated, not trained (sweeps/baselines.py)
 """
 from __future__ import annotations
@@ -59,6 +60,8 @@ class SweepSpec:
     mlflow_uri: str = ""
     optuna_storage: str = ""
     cache_dir: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
     source_yaml: str = ""
     baselines: list = field(default_factory=list)
     raw: dict = field(default_factory=dict)  # the sweep file's mapping after --set (stored for resume)
@@ -257,7 +260,14 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     tr = raw.get("tracking") or {}
     _need(isinstance(tr, dict), "tracking", "expected a mapping")
     for k in tr:
-        _need(k in ("mlflow_uri", "optuna_storage", "cache_dir"), f"tracking.{k}", "unknown key")
+        _need(not any(w in k.lower() for w in ("key", "secret", "token", "password", "credential")), f"tracking.{k}",
+              "credentials never come from a sweep file (it is logged to MLflow): set AWS_ACCESS_KEY_ID / "
+              "AWS_SECRET_ACCESS_KEY (or ~/.aws) in the environment of the driver and of every Ray node")
+        _need(k in ("mlflow_uri", "optuna_storage", "cache_dir", "s3_endpoint_url", "s3_region"), f"tracking.{k}",
+              "unknown key")
+    ep = str(tr.get("s3_endpoint_url") or "")
+    _need(not ep or ep.startswith(("http://", "https://")), "tracking.s3_endpoint_url",
+          "expected http://HOST:PORT or https://HOST")
     ns = search.get("num_samples", 1)
     _need(isinstance(ns, int) and ns >= 1, "search.num_samples", "must be an integer >= 1")
     mc = search.get("max_concurrent", 0)
@@ -274,7 +284,8 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
                      rung_metrics=list(rung_metrics), seeds=seeds, cpu=cpu,
                      gpu=gpu, max_failures=mf, storage=str(raw.get("storage") or ""),
                      mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
-                     cache_dir=str(tr.get("cache_dir") or ""), source_yaml=source, baselines=baselines)
+                     cache_dir=str(tr.get("cache_dir") or ""), s3_endpoint_url=ep,
+                     s3_region=str(tr.get("s3_region") or ""), source_yaml=source, baselines=baselines)
 
 
 def describe(spec: SweepSpec) -> str:

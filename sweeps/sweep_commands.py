@@ -10,6 +10,7 @@ import sys
 from p2core.errors import UserError
 
 from . import results as R
+from . import storage as S
 from .meta import load_meta, storage_root, validate_name
 from .table import format_table
 
@@ -209,12 +210,41 @@ def _provenance(meta) -> dict:
 
 
 def cmd_report(args) -> int:
-    from . import report_page
-    from .baselines import load_results
+    import tempfile
 
     meta, trials = _trials(args.name, args.storage)
     if not trials:
         raise UserError(f"sweep {args.name!r} has no trial yet: nothing to report")
+    if meta.moved_from and not args.no_mlflow:
+        from .tracking import follow_move
+
+        follow_move(meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        if S.is_uri(meta.dir):  # the page embeds the sample grids: read them out of the bucket once
+            trials = _local_copies(trials, tmp)
+        return _report(args, meta, trials, tmp)
+
+
+def _local_copies(trials: list, tmp: str) -> list:
+    """The trials with their result.json and sample grids copied into `tmp` (their `dir` pointing there)."""
+    import dataclasses
+
+    out = []
+    for t in trials:
+        if not t.dir:
+            out.append(t)
+            continue
+        d = os.path.join(tmp, S.basename(t.dir))
+        S.download(S.join(t.dir, "result.json"), os.path.join(d, "result.json"))
+        S.download(S.join(t.dir, "p2", "samples"), os.path.join(d, "p2", "samples"))
+        out.append(dataclasses.replace(t, dir=d))
+    return out
+
+
+def _report(args, meta, trials, tmp: str) -> int:
+    from . import report_page
+    from .baselines import load_results
+
     importance = None
     if (meta.raw.get("search") or {}).get("algorithm") == "optuna":
         from .schedulers import param_importance
@@ -223,8 +253,13 @@ def cmd_report(args) -> int:
                                       report_page.MIN_IMPORTANCE_TRIALS)
     data = report_page.collect(meta, trials, provenance=_provenance(meta), baselines=load_results(meta.dir),
                                importance=importance, expected_trials=_expected_trials(meta))
-    out = args.out or os.path.join(meta.dir, "report")
+    remote = S.is_uri(meta.dir) and not args.out
+    out = args.out or (os.path.join(tmp, "report") if remote else os.path.join(meta.dir, "report"))
     paths = report_page.write_report(out, data, trials)
+    if remote:  # written here, then copied into the sweep's folder in the bucket
+        S.upload_dir(paths["dir"], S.join(meta.dir, "report"))
+        paths = {k: S.join(meta.dir, "report", os.path.relpath(v, paths["dir"])) if k != "dir" else v
+                 for k, v in paths.items()}
     for c in data["comparisons"]:
         if c["headline"] and c["metric"] == meta.metric:
             print(c["sentence"])
@@ -248,10 +283,14 @@ def cmd_ui(args) -> int:
 
     privacy_env()  # before MLflow is imported: its telemetry is on by default
     storage = storage_root(args.storage)
-    uri = "sqlite:///" + os.path.join(os.path.abspath(storage), "mlflow.db")
+    uri = "sqlite:///" + os.path.join(storage, "mlflow.db")
     exp_path = ""
     if args.name:
         meta = load_meta(args.name, args.storage)
+        if meta.moved_from:
+            from .tracking import follow_move
+
+            follow_move(meta)
         uri = meta.paths.mlflow_uri
         from .tracking import client, set_sweep_view
 
@@ -264,6 +303,9 @@ def cmd_ui(args) -> int:
             except Exception as e:  # the plain runs page still works
                 print(f"p2sweep: warning: comparison view not written ({(str(e).splitlines() or [type(e).__name__])[0][:160]})",
                       file=sys.stderr)
+        if uri.startswith(("http://", "https://")):  # the sweep tracks to a server: its own UI is the UI
+            print(f"MLflow UI of this sweep (its tracking server): {uri.rstrip('/')}/{exp_path}")
+            return 0
     elif not os.path.exists(os.path.join(storage, "mlflow.db")):
         raise UserError(f"no MLflow database in {storage}")
     mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 from ray.tune import Callback
@@ -168,6 +169,16 @@ class TrialRuns:
                                                     [(f"{df.noise_schedule}: {w.label}", snr, w(snr))]))
 
     def log_artifacts(self, rid: str, trial_dir: str) -> None:
+        """The trial's own files (its `p2/` folder in the storage) as the run's artifacts."""
+        from . import storage
+
+        if storage.is_uri(trial_dir):  # MLflow uploads from local files: copy the folder out of the bucket first
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                if storage.download(storage.join(trial_dir, "p2"), os.path.join(tmp, "p2")):
+                    self.log_artifacts(rid, tmp)
+            return
         d = os.path.join(trial_dir, "p2")
         if not os.path.isdir(d):
             return
@@ -261,26 +272,31 @@ class MLflowTracker(Callback):
                 c.set_tag(rid, "p2sweep.failure", "trial raised (retries exhausted); see its error.txt")
             elif res.get("diverged"):
                 c.set_tag(rid, "p2sweep.failure", res.get("diverged_reason", "diverged"))
-            self.runs.log_artifacts(rid, trial_files_dir(trial))
+            self.runs.log_artifacts(rid, trial_files_dir(trial, self.exp_dir))
             close_run(c, rid, failed=error or bool(res.get("diverged")), images_seen=int(res.get("images_seen", 0)),
                       max_images=self.max_images)
 
         self._safely("close the run", trial, close, {"op": "close"})
 
 
-def trial_files_dir(trial) -> str:
+def trial_files_dir(trial, exp_dir: str) -> str:
     """Where the driver reads a trial's own files: the storage (where Ray copies them from whichever node ran the
     trial), else the driver's staging folder (a trial that never reported)."""
-    for d in (trial.path, getattr(trial, "local_path", None)):
-        if d and os.path.isdir(os.path.join(d, "p2")):
-            return d
-    return trial.path or getattr(trial, "local_path", None) or ""
+    from . import storage
+
+    stored = storage.join(exp_dir, os.path.basename(trial.path.rstrip("/"))) if trial.path else ""
+    if stored and storage.isdir(storage.join(stored, "p2")):
+        return stored
+    local = getattr(trial, "local_path", None)
+    if local and os.path.isdir(os.path.join(local, "p2")):
+        return local
+    return stored or local or ""
 
 
 def queue_pending(exp_dir: str, rec: dict) -> None:
-    os.makedirs(exp_dir, exist_ok=True)
-    with open(os.path.join(exp_dir, PENDING), "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
+    from .storage import append_text, join
+
+    append_text(join(exp_dir, PENDING), json.dumps(rec, default=str) + "\n")
 
 
 def write_pending(uri: str, experiment: str, parent_id: str, base_flat: dict, sweep: str, exp_dir: str,
@@ -289,13 +305,13 @@ def write_pending(uri: str, experiment: str, parent_id: str, base_flat: dict, sw
     Closing the runs is `reconcile`'s job."""
     from mlflow.entities import Metric
 
-    from p2core.atomic import atomic_write_text
+    from . import storage
 
-    path = os.path.join(exp_dir, PENDING)
-    if not os.path.exists(path):
+    path = storage.join(exp_dir, PENDING)
+    text = storage.read_text(path)
+    if text is None:
         return 0
-    with open(path, encoding="utf-8") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    recs = [json.loads(line) for line in text.splitlines() if line.strip()]
     runs = TrialRuns(Retrying(client(uri)), experiment, parent_id, base_flat, sweep)
     left = []
     for rec in recs:
@@ -313,9 +329,9 @@ def write_pending(uri: str, experiment: str, parent_id: str, base_flat: dict, sw
             left = recs[recs.index(rec):]
             break
     if left:
-        atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in left))
+        storage.write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in left))
     else:
-        os.unlink(path)
+        storage.remove(path)
     return len(left)
 
 
@@ -409,3 +425,27 @@ def view_columns(meta, trials) -> tuple[list, list]:
 def set_sweep_view(c, experiment_id: str, meta, trials) -> str:
     params, metrics = view_columns(meta, trials)
     return set_compare_view(c, experiment_id, meta.metric, params, metrics)
+
+
+def follow_move(meta) -> None:
+    """The storage folder was moved or copied (`meta.moved_from` is its old root). Its own SQLite store records
+    absolute artifact locations under the old root: point them at the new one, so the UI shows the artifacts and new
+    ones land beside the store; then record the new root in `p2sweep.json`. A tracking server is left alone."""
+    import sqlite3
+
+    old, new, uri = meta.moved_from, meta.paths.storage, meta.paths.mlflow_uri
+    db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    if db and os.path.dirname(db) == new and os.path.exists(db):
+        with sqlite3.connect(db) as con:
+            for table, col, key in (("experiments", "artifact_location", "experiment_id"),
+                                    ("runs", "artifact_uri", "run_uuid")):
+                for k, v in con.execute(f"SELECT {key}, {col} FROM {table}").fetchall():
+                    for prefix in ("file://", ""):
+                        if v and (v == prefix + old or v.startswith(prefix + old + "/")):
+                            con.execute(f"UPDATE {table} SET {col} = ? WHERE {key} = ?",
+                                        (prefix + new + v[len(prefix + old):], k))
+                            break
+        print(f"p2sweep: the storage moved from {old} to {new}: MLflow's artifact locations now point here",
+              file=sys.stderr)
+    meta.moved_from = ""
+    meta.save()

@@ -22,7 +22,8 @@ class TrialInfo:
     rungs: list = field(default_factory=list)
     rung_metrics: dict = field(default_factory=dict)  # rung (images) -> its cheaper metric (multi-fidelity ASHA)
     cpu: float = 1.0
-    cache_dir: str = ""
+    cache_dir: str = ""   # the trials' eval.cache_dir ("" = the node's own default)
+    ref_file: str = ""    # the sweep's reference statistics in the storage, copied into the cache before training
 
 
 def trial_config(base: dict, config: dict, info: TrialInfo) -> TrainingConfig:
@@ -35,6 +36,36 @@ def trial_config(base: dict, config: dict, info: TrialInfo) -> TrainingConfig:
         cfg.eval.cache_dir = info.cache_dir
     cfg.metric = info.metric
     return cfg
+
+
+def node_label() -> str:
+    """This Ray node as `status` shows it: its --node-name where one was given, else the start of its node id
+    (every node of a one-machine cluster has the same IP)."""
+    import ray
+
+    nid = ray.get_runtime_context().get_node_id()
+    try:
+        me = next(n for n in ray.nodes() if n.get("NodeID") == nid)
+        name = me.get("NodeName") or ""
+        if name and name != me.get("NodeManagerAddress"):
+            return name
+    except Exception:  # the id alone still tells nodes apart
+        pass
+    return nid[:8]
+
+
+def fetch_reference(cfg: TrainingConfig, ref_file: str) -> str:
+    """Copy the sweep's reference statistics from the storage into this node's cache, where the evaluator looks for
+    them (files are named by a content key: a trial whose data differ still computes its own). Returns "storage"
+    (copied now), "cache" (already on this node) or "" (no file to copy)."""
+    from p2core.data import default_cache_dir
+
+    from . import storage
+
+    if not ref_file:
+        return ""
+    return storage.fetch(ref_file, os.path.join(default_cache_dir(cfg.eval.cache_dir), "refstats",
+                                                storage.basename(ref_file)))
 
 
 FILES = "p2_files"  # in a Tune checkpoint: the trial's metrics.jsonl and sample grids as of that report
@@ -65,6 +96,9 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     torch.set_num_threads(cfg.train.num_threads)
     out_dir = os.path.join(tune.get_context().get_trial_dir(), "p2")
     node_ip = ray.util.get_node_ip_address()  # 127.0.0.1 for the embedded local Ray (tests check it)
+    node = node_label()
+    # where this trial's reference statistics came from, reported with every result (a sweep computes them once)
+    ref = {"source": fetch_reference(cfg, info.ref_file) or "cache"}
     pending_log: list = []
 
     class Hooks:
@@ -76,10 +110,13 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
             # a report answering a low rung is judged on that rung's metric (the highest such rung it answers)
             low = [p for p in rec.get("points", []) if p in info.rung_metrics]
             rung_metric = info.rung_metrics[max(low)] if low else info.metric
+            if trainer.evaluator is not None and trainer.evaluator.ref_computed:
+                ref["source"] = "computed by the trial"
             rep = TrialReport.make(info.metric, rec.get(info.metric), trainer.images_seen,
                                    evaluated=info.metric in rec, rung_metric=rung_metric,
                                    rung_value=rec.get(rung_metric), final=bool(rec.get("final")),
-                                   evals=evals, train_log=list(pending_log), node_ip=node_ip)
+                                   evals=evals, train_log=list(pending_log), node_ip=node_ip, node=node,
+                                   reference=ref["source"])
             pending_log.clear()
             # The trainer's state goes straight into the Tune checkpoint (Tune keeps the best by the metric and the
             # latest); the trial directory holds no trainer checkpoints that Ray would sync and never prune.
@@ -106,7 +143,8 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
         trainer.run()
     except Diverged as e:
         rep = TrialReport.make(info.metric, float("inf"), e.images_seen, final=True, diverged=True,
-                               diverged_reason=str(e), train_log=list(pending_log), node_ip=node_ip)
+                               diverged_reason=str(e), train_log=list(pending_log), node_ip=node_ip, node=node,
+                               reference=ref["source"])
         tune.report(rep.to_result())
     finally:
         del trainer
