@@ -121,22 +121,26 @@ class RayNode:
     def __init__(self, tmp: str, env: dict, head_address: str = "", num_cpus: int = 1, name: str = "",
                  resources: str = ""):
         self.temp = tempfile.mkdtemp(prefix="p2rn", dir="/tmp")  # Ray's socket paths must stay under 107 chars
-        cmd = [os.path.join(BIN, "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-               f"--temp-dir={self.temp}", "--object-store-memory=100000000", "--include-dashboard=false",
-               f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        cmd = [sys.executable, os.path.join(HERE, "ray_loopback.py"), "start", "--block",
+               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={self.temp}",
+               "--object-store-memory=100000000", f"--dashboard-agent-listen-port={free_port()}",
+               f"--metrics-export-port={free_port()}"]
         if head_address:
             cmd += [f"--address={head_address}"]
             self.port = None
         else:
             self.port = free_port()
-            cmd += ["--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}"]
+            cmd += ["--head", f"--port={self.port}", "--include-dashboard=false"]
         if name:
             cmd += [f"--node-name={name}"]
         if resources:
             cmd += [f"--resources={resources}"]
-        self.proc = start(cmd, env, os.path.join(tmp, f"ray-{name or 'head'}.log"))
+        log = os.path.join(tmp, f"ray-{name or 'head'}.log")
+        self.proc = start(cmd, env, log)
         if self.port:
-            assert wait_port(self.port, 90), "the Ray head did not come up"
+            end = time.time() + 90
+            while not wait_port(self.port, 1):
+                assert self.proc.poll() is None and time.time() < end, open(log).read()[-2000:]
 
     @property
     def address(self) -> str:

@@ -6,6 +6,7 @@ bucket on the head, with one MLflow run, and the sweep finishes. Runs in `make t
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,22 +16,25 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from servers import BIN, BUCKET, RayNode  # noqa: E402
+from servers import BUCKET, RayNode  # noqa: E402
 from test_sweep import ENV, M, ROOT, sweep_file  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
 
-def node_env(s3, cache) -> dict:
-    """A Ray node's environment: credentials and endpoint of its own (never shipped by the driver), its own cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "P2SWEEP_"))}
+def node_env(s3, cache, home) -> dict:
+    """A Ray node's environment: credentials and endpoint of its own (never shipped by the driver), its own cache.
+    The nodes run the `ray` CLI through ray_loopback.py, which keeps every Ray address on 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "RAY_ADDRESS", "P2SWEEP_", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"))}
+    # token authentication with the cluster's own token (HOME/.ray/auth_token), as a real cluster would have it
     return dict(env, **s3.env, P2SWEEP_CACHE=str(cache), PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0",
-                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", MLFLOW_DISABLE_TELEMETRY="true", TQDM_DISABLE="1")
+                MLFLOW_DISABLE_TELEMETRY="true", TQDM_DISABLE="1", RAY_AUTH_MODE="token", HOME=str(home))
 
 
 def alive_nodes(address: str, env: dict) -> int:
-    r = subprocess.run([os.path.join(BIN, "ray"), "status", f"--address={address}"], capture_output=True,
-                       text=True, env=env, timeout=60)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "ray_loopback.py"), "status", f"--address={address}"],
+                       capture_output=True, text=True, env=env, timeout=60)
     active = r.stdout.split("Active:")[1].split("Pending:")[0] if "Active:" in r.stdout else ""
     return len(re.findall(r"\bnode_", active))
 
@@ -49,13 +53,16 @@ def test_trials_on_two_nodes_and_a_lost_node(s3, mlflow_server, s3_env, tmp_path
 
     from sweeps.results import load_trials
 
-    head = RayNode(str(tmp_path), node_env(s3, tmp_path / "cache_head"), num_cpus=1)
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    head = RayNode(str(tmp_path), node_env(s3, tmp_path / "cache_head", home), num_cpus=1)
     node_b = None
     try:
-        node_b = RayNode(str(tmp_path), node_env(s3, tmp_path / "cache_b"), head_address=head.address, num_cpus=1,
-                         name="node_b", resources='{"node_b": 1}')
+        node_b = RayNode(str(tmp_path), node_env(s3, tmp_path / "cache_b", home), head_address=head.address,
+                         num_cpus=1, name="node_b", resources='{"node_b": 1}')
         end = time.time() + 90
-        while alive_nodes(head.address, node_env(s3, tmp_path)) < 2:
+        while alive_nodes(head.address, node_env(s3, tmp_path, home)) < 2:
             assert time.time() < end, "the second node did not join"
             time.sleep(2)
         name, storage = "twonode", f"s3://{BUCKET}/cluster"
@@ -63,7 +70,11 @@ def test_trials_on_two_nodes_and_a_lost_node(s3, mlflow_server, s3_env, tmp_path
         base["train"].update(total_images=512, eval_every_images=128)
         p = sweep_file(str(tmp_path), name, base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
                        scheduler={"type": "none"}, max_failures=2)
-        env = dict(ENV, **s3.env, MLFLOW_TRACKING_URI=mlflow_server.uri, P2SWEEP_CACHE=str(tmp_path / "cache_drv"))
+        # the driver: this machine's loopback-only Ray settings (test_sweep.ENV), the cluster's token (its HOME; no
+        # RAY_AUTH_MODE: p2sweep sets it when it finds the token)
+        env = dict(ENV, **s3.env, MLFLOW_TRACKING_URI=mlflow_server.uri, P2SWEEP_CACHE=str(tmp_path / "cache_drv"),
+                   HOME=str(home))
+        env.pop("RAY_AUTH_MODE", None)
         with open(tmp_path / "run.err", "w") as err, open(tmp_path / "run.out", "w") as out:
             proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", p, "--storage", storage, "--address",
                                      head.address], cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
