@@ -31,7 +31,10 @@ def validate_name(name: str, key: str = "--name") -> str:
 def storage_root(storage: str | None) -> str:
     """The storage as given (--storage, $P2SWEEP_STORAGE, ~/p2sweep): an absolute local path or a URI."""
     root = storage or os.environ.get("P2SWEEP_STORAGE") or os.path.join(os.path.expanduser("~"), "p2sweep")
-    return root.rstrip("/") if is_uri(root) else os.path.abspath(root)
+    if is_uri(root):
+        scheme, _, rest = root.partition("://")
+        return f"{scheme}://{rest.rstrip('/')}"
+    return os.path.abspath(root)
 
 
 def exp_dir(name: str, storage: str | None) -> str:

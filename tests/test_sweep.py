@@ -282,6 +282,48 @@ def test_report_equals_best_and_is_one_self_contained_page(faulty, tmp_path):
     assert r.returncode == 2 and "nosuch" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_moved_storage_keeps_working(faulty, ray_session, tmp_path):
+    """The storage folder copied elsewhere (the original left as it was): status, best and report read the copy,
+    the checkpoints they name are the copy's, MLflow's artifact locations follow it, and resume restores from it."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.meta import load_meta
+
+    st = str(tmp_path / "moved")
+    shutil.copytree(faulty["storage"], st)
+    meta = load_meta("faulty", st)
+    assert meta.moved_from == faulty["storage"] and meta.paths.mlflow_uri == f"sqlite:///{st}/mlflow.db"
+    r = cli("best", "faulty", "--storage", st)
+    assert r.returncode == 0, r.stderr
+    ck = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("checkpoint: "))
+    assert ck.startswith(st) and os.path.isfile(ck)
+    r = cli("report", "faulty", "--storage", st)
+    assert r.returncode == 0, r.stderr
+    c = MlflowClient(f"sqlite:///{st}/mlflow.db")
+    exp = c.get_experiment_by_name("faulty")
+    assert exp.artifact_location.startswith(st)
+    parent = next(x for x in c.search_runs([exp.experiment_id]) if x.data.tags.get("p2sweep.role") == "sweep")
+    assert parent.info.artifact_uri.startswith(st)
+    assert os.path.isfile(os.path.join(parent.info.artifact_uri, "report", "report.html"))  # logged into the copy
+    assert load_meta("faulty", st).moved_from == ""  # recorded in the copy's p2sweep.json
+    old = MlflowClient(f"sqlite:///{faulty['storage']}/mlflow.db").get_experiment_by_name("faulty")
+    assert old.artifact_location.startswith(faulty["storage"])  # the original is untouched
+    n_before = {t.trial_id: t.images_seen for t in trials_of(st, "faulty")}
+    assert sweep(ray_session, "resume", "faulty", "--storage", st) == 0
+    assert {t.trial_id: t.images_seen for t in trials_of(st, "faulty")} == n_before  # finished: nothing retrained
+
+
+def test_object_storage_needs_a_tracking_server_and_never_takes_credentials(tmp_path):
+    p = sweep_file(str(tmp_path), "s3bad")
+    env = {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "MLFLOW_TRACKING_URI": ""}
+    r = cli("run", p, "--storage", "s3://bucket/prefix", env=env)
+    assert r.returncode == 2 and "MLFLOW_TRACKING_URI" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli("run", p, "--storage", "s3://", env=env)
+    assert r.returncode == 2 and "bucket" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"space": {"diffusion.p2_gama": {"grid": [0]}}}, "space.diffusion.p2_gama"),
     ({"space": {"diffusion.p2_k": {"between": [0, 1]}}}, "unknown value kind"),
@@ -295,6 +337,8 @@ def test_report_equals_best_and_is_one_self_contained_page(faulty, tmp_path):
     ({"search": {"algorithm": "optuna"}}, "grid"),
     ({"resources": {"cpu": 0}}, "resources.cpu"),
     ({"bogus": 1}, "bogus"),
+    ({"tracking": {"aws_secret_access_key": "x"}}, "tracking.aws_secret_access_key: credentials never come"),
+    ({"tracking": {"s3_endpoint_url": "127.0.0.1:9000"}}, "tracking.s3_endpoint_url"),
     ({"baselines": [{"name": "x", "checkpoint": "/nonexistent.pt"}]}, "baselines[0].checkpoint"),
 ])
 def test_bad_sweep_files_exit_2_naming_the_key(tmp_path, change, needle):

@@ -98,7 +98,7 @@ def test_s3_sweep_with_tracking_server_survives_a_driver_kill(s3, mlflow_server,
     assert load_meta(name, storage).paths.storage == storage
 
     # the read-only commands and the exported config
-    for cmd in (["status", name], ["compare", name], ["best", name, "--export", str(tmp_path / "best.yaml")],
+    for cmd in (["status", name], ["compare", name, "--plot", str(tmp_path / "compare.png")], ["best", name, "--export", str(tmp_path / "best.yaml")],
                 ["report", name]):
         r = run_cli([*cmd, "--storage", storage], env)
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
