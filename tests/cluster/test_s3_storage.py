@@ -103,5 +103,7 @@ def test_s3_sweep_with_tracking_server_survives_a_driver_kill(s3, mlflow_server,
         r = run_cli([*cmd, "--storage", storage], env)
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
     assert any(k.endswith(f"sweeps/{name}/report/report.html") for k in s3.keys(f"sweeps/{name}/report/"))
+    r = run_cli(["ui", name, "--storage", storage], env)  # a tracking server is its own UI: the address, no server
+    assert r.returncode == 0 and f"{mlflow_server.uri}/#/experiments/{exp.experiment_id}/runs" in r.stdout, r.stdout
     r = run_cli(["train", str(tmp_path / "best.yaml"), "--out", str(tmp_path / "retrain"), "--no-progress"], env)
     assert r.returncode == 0, r.stderr[-2000:]
