@@ -338,7 +338,7 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
     from p2core.config import config_from_dict
 
     from .plots import plot_history
-    from .tracking import Retrying, client, reconcile, set_sweep_view, write_pending
+    from .tracking import Retrying, backfill_artifacts, client, reconcile, set_sweep_view, write_pending
 
     trials = R.load_trials(meta.dir, meta.metric)
     states = R.known_states(meta.dir)
@@ -347,6 +347,7 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
                              config_from_dict(dict(meta.base)).flat(), meta.name, meta.dir,
                              {t.trial_id: t.dir for t in trials})
         reconcile(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, states, meta.max_images)
+        backfill_artifacts(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, trials)
         c = Retrying(client(meta.paths.mlflow_uri))
         with tempfile.TemporaryDirectory() as tmp:
             csv_path = os.path.join(tmp, "results.csv")

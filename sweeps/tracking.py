@@ -169,25 +169,29 @@ class TrialRuns:
                                                     [(f"{df.noise_schedule}: {w.label}", snr, w(snr))]))
 
     def log_artifacts(self, rid: str, trial_dir: str) -> None:
-        """The trial's own files (its `p2/` folder in the storage) as the run's artifacts."""
-        from . import storage
+        log_trial_files(self.c, rid, trial_dir)
 
-        if storage.is_uri(trial_dir):  # MLflow uploads from local files: copy the folder out of the bucket first
-            import tempfile
 
-            with tempfile.TemporaryDirectory() as tmp:
-                if storage.download(storage.join(trial_dir, "p2"), os.path.join(tmp, "p2")):
-                    self.log_artifacts(rid, tmp)
-            return
-        d = os.path.join(trial_dir, "p2")
-        if not os.path.isdir(d):
-            return
-        for name in ("config.yaml", "loss.png", "metrics.jsonl"):
-            if os.path.exists(os.path.join(d, name)):
-                self.c.log_artifact(rid, os.path.join(d, name))
-        sd = os.path.join(d, "samples")
-        if os.path.isdir(sd):
-            self.c.log_artifacts(rid, sd, "samples")
+def log_trial_files(c, rid: str, trial_dir: str) -> None:
+    """The trial's own files (its `p2/` folder in the storage) as the run's artifacts."""
+    from . import storage
+
+    if storage.is_uri(trial_dir):  # MLflow uploads from local files: copy the folder out of the bucket first
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if storage.download(storage.join(trial_dir, "p2"), os.path.join(tmp, "p2")):
+                log_trial_files(c, rid, tmp)
+        return
+    d = os.path.join(trial_dir, "p2")
+    if not os.path.isdir(d):
+        return
+    for name in ("config.yaml", "loss.png", "metrics.jsonl"):
+        if os.path.exists(os.path.join(d, name)):
+            c.log_artifact(rid, os.path.join(d, name))
+    sd = os.path.join(d, "samples")
+    if os.path.isdir(sd):
+        c.log_artifacts(rid, sd, "samples")
 
 
 def result_metrics(metric: str, result: dict) -> list:
@@ -449,3 +453,28 @@ def follow_move(meta) -> None:
               file=sys.stderr)
     meta.moved_from = ""
     meta.save()
+
+
+def backfill_artifacts(uri: str, experiment: str, parent_id: str, trials: list) -> int:
+    """Log the files of trials whose run lacks them, from the storage. A trial's files can reach the storage after
+    the driver closed its run (Ray's last copy runs as the trial's process ends; a trial that resumed at its end
+    reports nothing new); by the end of a run or resume every copy has landed. Returns how many runs were given
+    their files."""
+    from . import storage
+
+    c = Retrying(client(uri))
+    exp = ensure_experiment(c, experiment)
+    runs = {r.data.tags.get(REPLICATE): r.info.run_id for r in c.search_runs(
+        [exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10000)
+        if r.data.tags.get(ROLE) == "trial"}
+    done = 0
+    for t in trials:
+        rid = runs.get(replicate_key(t.config))
+        if not rid or not t.dir:
+            continue
+        have = {a.path for a in c.list_artifacts(rid)}
+        stored = set(storage.listdir(storage.join(t.dir, "p2")))
+        if (stored & {"metrics.jsonl", "samples", "loss.png"}) - have:
+            log_trial_files(c, rid, t.dir)
+            done += 1
+    return done
