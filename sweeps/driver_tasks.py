@@ -66,9 +66,27 @@ def reference_as_task(base: dict, cache_dir: str, cpu: float, gpu: float) -> dic
     opts = task_options(cpu, gpu)
     print(f"reference statistics: a Ray task with {opts} (cached in {cache_dir})", file=sys.stderr)
     t0 = time.perf_counter()
-    out = ray.get(ray.remote(build_reference).options(**opts).remote(base, cache_dir, _threads(opts)))
+    out = task_result(ray.remote(build_reference).options(**opts).remote(base, cache_dir, _threads(opts)),
+                      "the reference-statistics task")
     out["wall_seconds"] = time.perf_counter() - t0
     return out
+
+
+def task_result(ref, what: str):
+    """ray.get, with a task's own error as one line: a UserError (bad storage settings on the node, say) keeps exit
+    status 2; anything else says which task failed and why (the remote traceback stays in Ray's logs)."""
+    import ray
+
+    from p2core.errors import UserError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause.args[0] if cause.args else cause)) from None
+        msg = str(cause).splitlines()[0][:300] if cause is not None and str(cause) else type(cause).__name__
+        raise UserError(f"{what} failed on a Ray node: {type(cause).__name__}: {msg}") from None
 
 
 def baseline_runner(base: dict, cache_dir: str, ref_file: str, cpu: float, gpu: float):
@@ -78,7 +96,8 @@ def baseline_runner(base: dict, cache_dir: str, ref_file: str, cpu: float, gpu: 
 
     opts = task_options(cpu, gpu)
     task = ray.remote(_baseline_task).options(**opts)
-    return lambda b: ray.get(task.remote(b, base, cache_dir, ref_file, _threads(opts)))
+    return lambda b: task_result(task.remote(b, base, cache_dir, ref_file, _threads(opts)),
+                                 f"the evaluation of baseline {b['name']!r}")
 
 
 def _baseline_task(b: dict, base: dict, cache_dir: str, ref_file: str, threads: int):

@@ -38,32 +38,35 @@ def prepare(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-# where object storage is (not who may use it): passed to every Ray worker of the sweep, on any node. Credentials are
-# never passed this way (they would sit in the job's runtime_env): each node has its own.
-STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
-
-
-def storage_env(endpoint: str = "", region: str = "") -> None:
-    """The sweep file's tracking.s3_endpoint_url / s3_region, where the environment does not already say."""
+def storage_env(endpoint: str = "", region: str = "") -> dict:
+    """The sweep file's tracking.s3_endpoint_url / s3_region, where the environment does not already say; returns
+    what was taken from the sweep file, for the sweep's Ray workers on every node (where the bucket is, never who
+    may use it: each node has its own credentials). Values from the environment stay the nodes' own business."""
+    taken = {}
     if endpoint and not (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")):
-        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+        taken["AWS_ENDPOINT_URL_S3"] = endpoint
     if region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
-        os.environ["AWS_REGION"] = region
+        taken["AWS_REGION"] = region
+    os.environ.update(taken)
     # MLflow's own S3 client (artifacts logged straight to an s3:// artifact root) reads only this variable
     ep = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if ep and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = ep
+        if "AWS_ENDPOINT_URL_S3" in taken:
+            taken["MLFLOW_S3_ENDPOINT_URL"] = ep
+    return taken
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, env_vars: dict | None = None) -> None:
+    """Start or attach Ray; `env_vars` go to the sweep's workers (not where a submitted job's runtime_env rules)."""
     prepare(address)
     address = resolve_address(address)
     import ray
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
-    extra = {"runtime_env": {"env_vars": env}} if env else {}
+    job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))  # `ray job submit`: its runtime_env is the place
+    extra = {"runtime_env": {"env_vars": dict(env_vars)}} if env_vars and not job else {}
     if address is None:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", configure_logging=True, **extra)
         return

@@ -131,9 +131,14 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             points={r.images_seen: dict(r.evals) for r in reps},
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
-            node=" > ".join(dict.fromkeys(r.node for r in reps if r.node)),
+            node=" > ".join(_runs_of([r.node for r in reps if r.node])),
             last_rung=_last_rung(last, metric)))
     return trials
+
+
+def _runs_of(xs: list) -> list:
+    """[a, a, b, a] -> [a, b, a]: where a trial ran, in order."""
+    return [x for i, x in enumerate(xs) if i == 0 or xs[i - 1] != x]
 
 
 def _last_rung(last, metric: str) -> tuple:

@@ -34,7 +34,13 @@ def resolve_paths(spec: SweepSpec, storage: str) -> Paths:
     """Where the sweep's parts live. A path storage holds everything (SQLite stores, reference statistics); an
     object storage holds Tune's state, the trials, p2sweep's files and the reference statistics, while MLflow and
     Optuna need servers (databases do not live in buckets)."""
+    from .spec import _has_credentials
+
     root = storage_root(storage)
+    for what, v in (("--storage", root), ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))):
+        if _has_credentials(v):
+            raise UserError(f"{what}: a URL with a user or password in it would be written to p2sweep.json; use "
+                            "the service's own variables (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD)")
     if S.is_uri(root):
         S.resolve(root)  # a URI without a bucket, an unknown scheme: say so now
         if spec.algorithm == "optuna" and not spec.optuna_storage:
@@ -154,7 +160,7 @@ def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str):
 def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budget_s: float | None,
         spec_dir: str = ".") -> int:
     validate_name(name)
-    ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
+    worker_env = ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
     paths = resolve_paths(spec, storage)
     d = S.join(paths.storage, name)
     if S.exists(S.join(d, META)):
@@ -175,7 +181,7 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
             from .schedulers import open_study
 
             study = open_study(paths.optuna_storage, meta.study_name, sweep_id, create=True)
-        ray_env.init_ray(address)  # an --address that cannot be attached fails here
+        ray_env.init_ray(address, worker_env)  # an --address that cannot be attached fails here
         ref = precompute_reference(spec, paths)
         from mlflow.entities import Param
 
@@ -248,7 +254,7 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     meta = load_meta(name, storage)
     ray_env.prepare(address)
     spec = spec_of(meta)
-    ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
+    worker_env = ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
     if meta.moved_from:
         from .tracking import follow_move
 
@@ -264,7 +270,7 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     except Exception as e:  # MLflow never stops a sweep: `finish` closes the books when it is back
         print(f"p2sweep: MLflow is not reachable ({str(e).splitlines()[0][:200]}); resuming without it",
               file=sys.stderr)
-    ray_env.init_ray(address)
+    ray_env.init_ray(address, worker_env)
     # the statistics the sweep computed are found again (in the storage or the shared cache), not recomputed
     ref = precompute_reference(spec, meta.paths)
     run_baselines(spec, meta, ref["path"])  # those already evaluated are skipped
@@ -273,6 +279,24 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     restore = bool(S.glob(meta.dir, "experiment_state-*.json"))
     return _fit(spec, meta, address, time_budget_s, restore=restore, retry_errored=retry_errored,
                 ref_file=ref["path"])
+
+
+def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta) -> None:
+    """A restored Tuner brings back the tracker, scheduler and searcher pickled in `tuner.pkl` when the sweep started,
+    with the paths of that time: point them at where the sweep is now (a moved or copied storage writes its own
+    MLflow and Optuna stores and rebuilds ASHA from its own results, never the original's)."""
+    from .schedulers import GroupASHA, GroupSearcher
+    from .tracking import MLflowTracker
+
+    inner = tuner._local_tuner  # Ray 2.60: Tuner -> TunerInternal (run config and tune config as restored)
+    for cb in inner.get_run_config().callbacks or []:
+        if isinstance(cb, MLflowTracker):
+            cb.uri, cb.exp_dir, cb._runs = meta.paths.mlflow_uri, meta.dir, None
+    tc = inner._tune_config
+    if isinstance(tc.scheduler, GroupASHA):
+        tc.scheduler.history = functools.partial(R.rung_history, meta.dir, spec.metric)
+    if isinstance(tc.search_alg, GroupSearcher):
+        tc.search_alg.optuna_url, tc.search_alg._study = meta.paths.optuna_storage, None
 
 
 def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool, retry_errored: bool = False,
@@ -289,6 +313,7 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
         path, fs = S.ray_storage(meta.dir)
         tuner = tune.Tuner.restore(path, build_trainable(spec, meta.paths, ref_file), resume_unfinished=True,
                                    resume_errored=retry_errored, restart_errored=False, storage_filesystem=fs)
+        repoint_restored(tuner, spec, meta)
     else:
         tuner = new_tuner(spec, meta, ref_file)
     interrupted = False

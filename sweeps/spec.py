@@ -265,6 +265,10 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
               "AWS_SECRET_ACCESS_KEY (or ~/.aws) in the environment of the driver and of every Ray node")
         _need(k in ("mlflow_uri", "optuna_storage", "cache_dir", "s3_endpoint_url", "s3_region"), f"tracking.{k}",
               "unknown key")
+    for k, v in [("storage", raw.get("storage"))] + [(f"tracking.{k}", v) for k, v in tr.items()]:
+        _need(not _has_credentials(v), k, "a URL with a user or password in it: credentials never come from a sweep "
+              "file (it is logged to MLflow); use the service's own variables (AWS_*, MLFLOW_TRACKING_USERNAME/"
+              "PASSWORD, PGPASSWORD or ~/.pgpass)")
     ep = str(tr.get("s3_endpoint_url") or "")
     _need(not ep or ep.startswith(("http://", "https://")), "tracking.s3_endpoint_url",
           "expected http://HOST:PORT or https://HOST")
@@ -286,6 +290,19 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
                      mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
                      cache_dir=str(tr.get("cache_dir") or ""), s3_endpoint_url=ep,
                      s3_region=str(tr.get("s3_region") or ""), source_yaml=source, baselines=baselines)
+
+
+def _has_credentials(value) -> bool:
+    """`scheme://user:password@host/...` (or a user alone): secrets that would be logged with the sweep file."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or "://" not in value:
+        return False
+    try:
+        u = urlsplit(value)
+        return bool(u.username or u.password)
+    except ValueError:
+        return False
 
 
 def describe(spec: SweepSpec) -> str:

@@ -35,8 +35,10 @@ def basename(path: str) -> str:
 
 
 def _endpoint_env() -> tuple:
+    """What selects a bucket's filesystem besides its name (a cached filesystem is reused only while it is the same)."""
     return tuple(os.environ.get(k, "") for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION",
-                                                  "AWS_DEFAULT_REGION"))
+                                                  "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+                                                  "AWS_SHARED_CREDENTIALS_FILE"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -51,6 +53,11 @@ def _object_fs(scheme: str, bucket: str, _env: tuple):
             scheme_, _, host = ep.partition("://")
             kw = {"endpoint_override": host or ep, "scheme": scheme_ if host else "https"}
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not region and not ep:
+            try:  # AWS itself: a bucket outside the default region answers 301 unless asked in its own region
+                region = pafs.resolve_s3_region(bucket)
+            except OSError:
+                region = ""
         if region:
             kw["region"] = region
         return pafs.S3FileSystem(**kw)
@@ -64,9 +71,14 @@ def resolve(path: str):
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
     scheme, _, rest = path.partition("://")
+    if scheme == "file":
+        return pafs.LocalFileSystem(), os.path.abspath("/" + rest.lstrip("/"))
     bucket = rest.split("/", 1)[0]
     if not bucket:
         raise UserError(f"storage {path}: no bucket in the URI (expected {scheme}://BUCKET/PREFIX)")
+    if "?" in rest or "//" in rest.rstrip("/"):
+        raise UserError(f"storage {path}: expected {scheme}://BUCKET/PREFIX without '?options' or empty parts "
+                        "(the endpoint comes from AWS_ENDPOINT_URL_S3 or the sweep file's tracking.s3_endpoint_url)")
     try:
         fs = _object_fs(scheme, bucket, _endpoint_env())
     except Exception as e:  # an unknown scheme, a filesystem pyarrow was built without
@@ -178,6 +190,8 @@ def remove(path: str) -> None:
         fs.delete_file(p)
     except FileNotFoundError:
         pass
+    except OSError as e:
+        raise _wrap(path, e) from None
 
 
 def remove_tree(path: str) -> None:
@@ -186,6 +200,8 @@ def remove_tree(path: str) -> None:
         fs.delete_dir(p)
     except FileNotFoundError:
         pass
+    except OSError as e:
+        raise _wrap(path, e) from None
 
 
 def listdir(path: str) -> list[str]:
@@ -225,15 +241,20 @@ def download(path: str, local: str) -> str | None:
     import pyarrow.fs as pafs
 
     fs, p = resolve(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
-        return None
-    if info.type == pafs.FileType.File:
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        pafs.copy_files(p, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        return local
-    os.makedirs(local, exist_ok=True)
-    pafs.copy_files(p, os.path.abspath(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        info = fs.get_file_info(p)
+        if info.type == pafs.FileType.NotFound:
+            return None
+        if info.type == pafs.FileType.File:
+            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+            pafs.copy_files(p, os.path.abspath(local), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            return local
+        os.makedirs(local, exist_ok=True)
+        pafs.copy_files(p, os.path.abspath(local), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    except OSError as e:
+        raise _wrap(path, e) from None
     return local
 
 
@@ -244,18 +265,28 @@ def upload(local: str, path: str) -> str:
 
 
 def fetch(path: str, local: str) -> str:
-    """Copy a storage file to `local` unless it is already there (temp name, then rename: concurrent fetchers on one
-    node never see half a file). Returns "cache" (was there), "storage" (copied now) or "" (no such file)."""
+    """Copy a storage file to `local` unless it is already there: once per node (under the same file lock the
+    evaluator takes for the file), into a unique temp name, then renamed, so no reader sees half a file. Returns
+    "cache" (was there), "storage" (copied now) or "" (no such file)."""
+    import tempfile
+
+    from p2core.data import file_lock
+
     if os.path.exists(local):
         return "cache"
-    tmp = f"{local}.{os.getpid()}.part"
-    try:
-        if download(path, tmp) is None:
-            return ""
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    with file_lock(local + ".lock"):
+        if os.path.exists(local):
+            return "cache"
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(local)), prefix=".fetch-")
+        os.close(fd)
+        try:
+            if download(path, tmp) is None:
+                return ""
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return "storage"
 
 

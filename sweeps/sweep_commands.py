@@ -113,8 +113,12 @@ def cmd_best(args) -> int:
     note = "" if best.complete else "  (NOT complete: no configuration finished with all its seeds)"
     print(f"best: {best.config} with steps {best.spec}: {best.mean:.5g} +- {best.std:.3g} over {best.n} seed(s){note}")
     if best.checkpoints and best.checkpoints[0]:
-        ck = os.path.join(best.checkpoints[0], "trainer.pt")
-        print(f"checkpoint: {ck}  (p2sweep sample {ck} --steps {best.spec})")
+        ck = S.join(best.checkpoints[0], "trainer.pt")
+        if S.is_uri(ck):  # sample/eval read local files
+            print(f"checkpoint: {ck}  (copy it here first, e.g. `aws s3 cp {ck} trainer.pt`, then "
+                  f"p2sweep sample trainer.pt --steps {best.spec})")
+        else:
+            print(f"checkpoint: {ck}  (p2sweep sample {ck} --steps {best.spec})")
     if args.export:
         from p2core.atomic import atomic_write_text
 
@@ -256,7 +260,8 @@ def _report(args, meta, trials, tmp: str) -> int:
     remote = S.is_uri(meta.dir) and not args.out
     out = args.out or (os.path.join(tmp, "report") if remote else os.path.join(meta.dir, "report"))
     paths = report_page.write_report(out, data, trials)
-    if remote:  # written here, then copied into the sweep's folder in the bucket
+    if remote:  # written here, then copied into the sweep's folder in the bucket (the old report's files go first)
+        S.remove_tree(S.join(meta.dir, "report"))
         S.upload_dir(paths["dir"], S.join(meta.dir, "report"))
         paths = {k: S.join(meta.dir, "report", os.path.relpath(v, paths["dir"])) if k != "dir" else v
                  for k, v in paths.items()}
@@ -308,11 +313,13 @@ def cmd_ui(args) -> int:
             return 0
     elif not os.path.exists(os.path.join(storage, "mlflow.db")):
         raise UserError(f"no MLflow database in {storage}")
+    from .tracking import artifact_root
+
     mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     print(f"MLflow UI: http://{args.host}:{args.port}/{exp_path}   (Ctrl-C stops it)")
     cmd = [mlflow_bin, "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-           "--default-artifact-root", os.path.join(os.path.abspath(storage), "mlartifacts")]
+           "--default-artifact-root", artifact_root(uri) or S.join(storage, "mlartifacts")]
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

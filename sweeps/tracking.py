@@ -236,7 +236,11 @@ class MLflowTracker(Callback):
         except Exception as e:  # MLflow down after retries: queue it, keep the sweep going
             log.warning("MLflow: could not %s for trial %s (%s); queued for the end of the run", what,
                         trial.trial_id, str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__)
-            queue_pending(self.exp_dir, {"trial_id": trial.trial_id, "config": dict(trial.config), **pending})
+            try:
+                queue_pending(self.exp_dir, {"trial_id": trial.trial_id, "config": dict(trial.config), **pending})
+            except Exception as e2:  # the storage is down too: lose this record, never the sweep
+                log.warning("MLflow record for trial %s lost: the queue in %s is not writable either (%s)",
+                            trial.trial_id, self.exp_dir, str(e2).splitlines()[0][:160] if str(e2) else "")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._safely("create the run", trial, lambda: self.runs.get(trial.trial_id, trial.config, str(trial)),
@@ -434,21 +438,33 @@ def set_sweep_view(c, experiment_id: str, meta, trials) -> str:
 def follow_move(meta) -> None:
     """The storage folder was moved or copied (`meta.moved_from` is its old root). Its own SQLite store records
     absolute artifact locations under the old root: point them at the new one, so the UI shows the artifacts and new
-    ones land beside the store; then record the new root in `p2sweep.json`. A tracking server is left alone."""
+    ones land beside the store; then record the new root in `p2sweep.json`. A tracking server, and locations outside
+    the old root, are left alone."""
     import sqlite3
+
+    from p2core.errors import UserError
 
     old, new, uri = meta.moved_from, meta.paths.storage, meta.paths.mlflow_uri
     db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-    if db and os.path.dirname(db) == new and os.path.exists(db):
-        with sqlite3.connect(db) as con:
-            for table, col, key in (("experiments", "artifact_location", "experiment_id"),
-                                    ("runs", "artifact_uri", "run_uuid")):
-                for k, v in con.execute(f"SELECT {key}, {col} FROM {table}").fetchall():
-                    for prefix in ("file://", ""):
-                        if v and (v == prefix + old or v.startswith(prefix + old + "/")):
-                            con.execute(f"UPDATE {table} SET {col} = ? WHERE {key} = ?",
-                                        (prefix + new + v[len(prefix + old):], k))
-                            break
+    if db and os.path.dirname(db) == new:
+        if not os.path.exists(db):
+            raise UserError(f"{new}: this sweep's MLflow database {os.path.basename(db)} did not come along when "
+                            f"the storage moved from {old}; copy it too")
+        con = sqlite3.connect(db, timeout=30)
+        try:
+            with con:
+                for table, col, key in (("experiments", "artifact_location", "experiment_id"),
+                                        ("runs", "artifact_uri", "run_uuid")):
+                    for k, v in con.execute(f"SELECT {key}, {col} FROM {table}").fetchall():
+                        for prefix in ("file://", ""):
+                            if v and (v == prefix + old or v.startswith(prefix + old + "/")):
+                                con.execute(f"UPDATE {table} SET {col} = ? WHERE {key} = ?",
+                                            (prefix + new + v[len(prefix + old):], k))
+                                break
+        except sqlite3.Error as e:
+            raise UserError(f"{db}: cannot point MLflow's artifact locations at the moved storage ({e})") from None
+        finally:
+            con.close()
         print(f"p2sweep: the storage moved from {old} to {new}: MLflow's artifact locations now point here",
               file=sys.stderr)
     meta.moved_from = ""

@@ -74,12 +74,12 @@ def install_driver_faults() -> None:
 
     real_init = ray_env.init_ray
 
-    def init_ray(address):
+    def init_ray(address, env_vars=None):
         ray_env.prepare(address)
         import ray
 
         ray.init = with_worker_faults(ray.init)
-        return real_init(address)
+        return real_init(address, env_vars)
 
     ray_env.init_ray = init_ray
     if f.get("kill_after_tell"):

@@ -1,0 +1,55 @@
+"""A sweep interrupted by its --time-budget, its storage folder copied elsewhere, the copy resumed to the end: the
+copy's own MLflow database and results are used (Ray's tuner.pkl still names the original's paths), MLflow's
+artifact locations follow the copy, and the original folder is left exactly as it was. Runs in `make test-cluster`."""
+import hashlib
+import os
+import shutil
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from test_sweep import cli, mlflow_runs, sweep_file, trials_of  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+
+
+def tree(root: str) -> dict:
+    """{relative path: sha256} of every file under root."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def test_a_copied_storage_resumes_on_its_own(tmp_path):
+    import yaml
+
+    base = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(HERE)), "search_spaces",
+                                            "smoke.yaml")))["base"]
+    base["train"].update(total_images=1536, eval_every_images=256)
+    p = sweep_file(str(tmp_path), "moving", base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
+                   scheduler={"type": "none"}, max_failures=0)
+    orig = str(tmp_path / "orig")
+    r = cli("run", p, "--storage", orig, "--time-budget", "20s", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
+    assert r.returncode == 0 and "p2sweep resume moving" in r.stdout, r.stderr[-3000:]
+    assert [t for t in trials_of(orig, "moving") if t.state in ("RUNNING", "PENDING", "PAUSED")]  # interrupted
+    copy = str(tmp_path / "copy")
+    shutil.copytree(orig, copy)
+    before = tree(orig)
+    r = cli("resume", "moving", "--storage", copy)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert tree(orig) == before  # nothing written to the original: not its MLflow, results or Tune state
+    trials = trials_of(copy, "moving")
+    assert len(trials) == 2 and all(t.state == "TERMINATED" for t in trials), [t.state for t in trials]
+    assert all(t.dir.startswith(copy) for t in trials)
+    c, runs = mlflow_runs(copy, "moving")
+    kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
+    assert len(kids) == 2 and not [x for x in runs if x.info.status == "RUNNING"]
+    for k in kids:
+        assert k.info.artifact_uri.startswith(copy)
+        assert "metrics.jsonl" in [a.path for a in c.list_artifacts(k.info.run_id)]
+        assert int(k.data.tags["p2sweep.images_seen"]) == 1536
