@@ -87,6 +87,8 @@ def test_s3_sweep_with_tracking_server_survives_a_driver_kill(s3, mlflow_server,
     exp = c.get_experiment_by_name(name)
     runs = c.search_runs([exp.experiment_id], max_results=100)
     kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
+    parent = next(x for x in runs if x.data.tags.get("p2sweep.role") == "sweep")
+    assert parent.data.params["reference.computed"] == "True"  # by the first run's task; resume found it
     assert len(kids) == 2 and not [x for x in runs if x.info.status == "RUNNING"]
     for k in kids:
         assert "metrics.jsonl" in [a.path for a in c.list_artifacts(k.info.run_id)]

@@ -107,6 +107,8 @@ def test_trials_on_two_nodes_and_a_lost_node(s3, mlflow_server, s3_env, tmp_path
         c = MlflowClient(mlflow_server.uri)
         runs = c.search_runs([c.get_experiment_by_name(name).experiment_id], max_results=100)
         kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]
+        parent = next(x for x in runs if x.data.tags.get("p2sweep.role") == "sweep")
+        assert parent.data.params["reference.computed"] == "True"  # the one computation: the driver's task
         assert len(kids) == 2 and not [x for x in runs if x.info.status == "RUNNING"]
         for k in kids:
             assert "metrics.jsonl" in [a.path for a in c.list_artifacts(k.info.run_id)]
