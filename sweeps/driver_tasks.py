@@ -85,8 +85,12 @@ def task_result(ref, what: str):
         cause = getattr(e, "cause", None)
         if isinstance(cause, UserError):
             raise UserError(str(cause.args[0] if cause.args else cause)) from None
+        print(getattr(e, "traceback_str", ""), file=sys.stderr)  # the remote traceback, for a bug report
         msg = str(cause).splitlines()[0][:300] if cause is not None and str(cause) else type(cause).__name__
         raise UserError(f"{what} failed on a Ray node: {type(cause).__name__}: {msg}") from None
+    except ray.exceptions.RayError as e:  # the worker or its node died (out of memory, say), a runtime_env failed
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        raise UserError(f"{what} failed on a Ray node: {type(e).__name__}: {msg}") from None
 
 
 def baseline_runner(base: dict, cache_dir: str, ref_file: str, cpu: float, gpu: float):

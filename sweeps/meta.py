@@ -110,13 +110,12 @@ def _follow_move(data: dict, root: str) -> None:
     """A storage folder that was moved or copied: the files that lived in it (the default SQLite stores, the
     reference statistics) are now under its new root. Paths elsewhere (a tracking server, a shared cache) stay."""
     old = data["paths"]["storage"]
-    if old == root or (not is_uri(old) and not is_uri(root) and os.path.exists(old)
-                       and os.path.realpath(old) == os.path.realpath(root)):
-        return  # the same folder (a symlink, a bind mount): not a move
-    if is_uri(old) != is_uri(root):
-        raise UserError(f"sweep storage {root}: this sweep was written in {old}; a sweep moved between a path and an "
-                        "object store cannot be continued there (its SQLite stores and cache do not move into a "
-                        "bucket): use it where it was written")
+    if old == root or (not is_uri(old) and not is_uri(root) and os.path.exists(old) and os.path.exists(root)
+                       and os.path.samefile(old, root)):
+        return  # the same folder by another name (a symlink, a bind mount): not a move
+    if not is_uri(old) and is_uri(root):
+        raise UserError(f"sweep storage {root}: this sweep was written in the folder {old}, whose SQLite stores cannot "
+                        "live in a bucket: use it where it was written")
     for k in ("mlflow_uri", "optuna_storage", "cache_dir"):
         v = data["paths"][k]
         for prefix in ("sqlite:///", ""):

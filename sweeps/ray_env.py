@@ -58,15 +58,15 @@ def storage_env(endpoint: str = "", region: str = "") -> dict:
 
 
 def init_ray(address: str | None, env_vars: dict | None = None) -> None:
-    """Start or attach Ray; `env_vars` go to the sweep's workers (not where a submitted job's runtime_env rules)."""
+    """Start or attach Ray; `env_vars` go to the sweep's workers on every node."""
     prepare(address)
     address = resolve_address(address)
     import ray
 
     if ray.is_initialized():
         return
-    job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))  # `ray job submit`: its runtime_env is the place
-    extra = {"runtime_env": {"env_vars": dict(env_vars)}} if env_vars and not job else {}
+    # merged with a submitted job's own runtime_env key by key (these keys were not in its environment)
+    extra = {"runtime_env": {"env_vars": dict(env_vars)}} if env_vars else {}
     if address is None:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", configure_logging=True, **extra)
         return

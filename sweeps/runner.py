@@ -37,7 +37,8 @@ def resolve_paths(spec: SweepSpec, storage: str) -> Paths:
     from .spec import _has_credentials
 
     root = storage_root(storage)
-    for what, v in (("--storage", root), ("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI", ""))):
+    env_uri = "" if spec.mlflow_uri else os.environ.get("MLFLOW_TRACKING_URI", "")  # the one written to p2sweep.json
+    for what, v in (("--storage", root), ("MLFLOW_TRACKING_URI", env_uri)):
         if _has_credentials(v):
             raise UserError(f"{what}: a URL with a user or password in it would be written to p2sweep.json; use "
                             "the service's own variables (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD)")
@@ -284,19 +285,26 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
 def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta) -> None:
     """A restored Tuner brings back the tracker, scheduler and searcher pickled in `tuner.pkl` when the sweep started,
     with the paths of that time: point them at where the sweep is now (a moved or copied storage writes its own
-    MLflow and Optuna stores and rebuilds ASHA from its own results, never the original's)."""
-    from .schedulers import GroupASHA, GroupSearcher
+    MLflow and Optuna stores, rebuilds ASHA from its own results and puts new trials in its own folder)."""
+    from ray.tune.search import SearchGenerator
+
+    from .schedulers import GroupASHA, GroupSearcher, RootedSearchGenerator
     from .tracking import MLflowTracker
 
-    inner = tuner._local_tuner  # Ray 2.60: Tuner -> TunerInternal (run config and tune config as restored)
+    inner = getattr(tuner, "_local_tuner", None)  # Ray 2.60: Tuner -> TunerInternal (configs as restored)
+    if inner is None:
+        raise UserError("resume through a Ray Client address (ray://) is not supported: run the driver on the "
+                        "cluster (`ray job submit -- p2sweep resume ...`) or attach with HOST:PORT")
     for cb in inner.get_run_config().callbacks or []:
         if isinstance(cb, MLflowTracker):
             cb.uri, cb.exp_dir, cb._runs = meta.paths.mlflow_uri, meta.dir, None
     tc = inner._tune_config
     if isinstance(tc.scheduler, GroupASHA):
         tc.scheduler.history = functools.partial(R.rung_history, meta.dir, spec.metric)
-    if isinstance(tc.search_alg, GroupSearcher):
-        tc.search_alg.optuna_url, tc.search_alg._study = meta.paths.optuna_storage, None
+    searcher = tc.search_alg.searcher if isinstance(tc.search_alg, SearchGenerator) else tc.search_alg
+    if isinstance(searcher, GroupSearcher):
+        searcher.optuna_url, searcher._study = meta.paths.optuna_storage, None
+        tc.search_alg = RootedSearchGenerator(searcher, *S.ray_storage(meta.paths.storage))
 
 
 def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool, retry_errored: bool = False,
@@ -372,7 +380,11 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
                              config_from_dict(dict(meta.base)).flat(), meta.name, meta.dir,
                              {t.trial_id: t.dir for t in trials})
         reconcile(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, states, meta.max_images)
-        backfill_artifacts(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, trials)
+        try:
+            backfill_artifacts(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, trials)
+        except Exception as e:  # the results table and the run's state matter more than late files
+            print(f"p2sweep: some trial files were not logged to MLflow ({str(e).splitlines()[0][:200]})",
+                  file=sys.stderr)
         c = Retrying(client(meta.paths.mlflow_uri))
         with tempfile.TemporaryDirectory() as tmp:
             csv_path = os.path.join(tmp, "results.csv")

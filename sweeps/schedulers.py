@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import SearchGenerator, Searcher
 
 from p2core.errors import UserError
 
@@ -488,3 +488,28 @@ def param_importance(url: str, study_name: str, minimum: int) -> dict:
     return {"evaluator": name, "complete": len(done), "values": {k: float(v) for k, v in vals.items()},
             "note": f"parameter importance: {name} over {len(done)} COMPLETE configurations with a finite value, "
                     f"importance of reaching the best {100 * q:.0f}%"}
+
+
+class RootedSearchGenerator(SearchGenerator):
+    """Tune's own wrapper around a Searcher, for a resumed sweep. Its saved state (`search_gen_state-*.json`) brings
+    back the Experiment of the first run, storage included, and every trial created after the resume takes its
+    folder from it: a moved or copied storage would have new trials written to the original. This keeps the
+    storage the sweep is in now (as Tune itself does for the trials it restores)."""
+
+    def __init__(self, searcher: Searcher, storage_fs_path: str, storage_filesystem):
+        super().__init__(searcher)
+        self._fs_path, self._fs = storage_fs_path, storage_filesystem
+
+    def set_state(self, state: dict) -> None:
+        import copy
+
+        import pyarrow.fs as pafs
+
+        super().set_state(state)
+        exp = self._experiment
+        if exp is None or exp.spec.get("storage") is None:
+            return
+        st = copy.copy(exp.spec["storage"])
+        st.storage_filesystem = self._fs or pafs.LocalFileSystem()
+        st.storage_fs_path = self._fs_path
+        exp.spec["storage"] = exp.storage = st

@@ -266,7 +266,7 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
         _need(k in ("mlflow_uri", "optuna_storage", "cache_dir", "s3_endpoint_url", "s3_region"), f"tracking.{k}",
               "unknown key")
     for k, v in [("storage", raw.get("storage"))] + [(f"tracking.{k}", v) for k, v in tr.items()]:
-        _need(not _has_credentials(v), k, "a URL with a user or password in it: credentials never come from a sweep "
+        _need(not _has_credentials(v), k, "a URL with a password in it: credentials never come from a sweep "
               "file (it is logged to MLflow); use the service's own variables (AWS_*, MLFLOW_TRACKING_USERNAME/"
               "PASSWORD, PGPASSWORD or ~/.pgpass)")
     ep = str(tr.get("s3_endpoint_url") or "")
@@ -293,14 +293,16 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
 
 
 def _has_credentials(value) -> bool:
-    """`scheme://user:password@host/...` (or a user alone): secrets that would be logged with the sweep file."""
-    from urllib.parse import urlsplit
+    """`scheme://user:password@host/...` or `...?password=...`: secrets that would be logged with the sweep file
+    (a user name alone is not one: PGPASSWORD or ~/.pgpass give its password)."""
+    from urllib.parse import parse_qs, urlsplit
 
     if not isinstance(value, str) or "://" not in value:
         return False
     try:
         u = urlsplit(value)
-        return bool(u.username or u.password)
+        keys = {k.lower() for k in parse_qs(u.query)}
+        return bool(u.password) or bool(keys & {"password", "passwd", "secret", "token", "secret_key", "access_key"})
     except ValueError:
         return False
 

@@ -30,6 +30,7 @@ def test_read_write_list_and_fetch_on_a_path(tmp_path):
     assert S.fetch(S.join(d, "b", "other.txt"), local) == "storage" and open(local).read() == "y"
     assert S.fetch(S.join(d, "b", "other.txt"), local) == "cache"
     assert S.fetch(S.join(d, "missing"), str(tmp_path / "x")) == "" and not os.path.exists(tmp_path / "x")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".fetch-")]  # no temp file left behind
     assert S.download(S.join(d, "a"), str(tmp_path / "copy")) and os.path.isfile(tmp_path / "copy" / "result.json")
     S.remove_tree(S.join(d, "a"))
     assert not S.exists(S.join(d, "a"))
@@ -61,14 +62,19 @@ def test_a_moved_storage_is_re_rooted_and_a_move_into_a_bucket_is_refused(tmp_pa
     os.symlink(tmp_path, tmp_path.parent / (tmp_path.name + "-link"))
     _follow_move(same, str(tmp_path.parent / (tmp_path.name + "-link")))  # the same folder by another name
     assert "moved_from" not in same
-    with pytest.raises(UserError, match="between a path and an object store"):
+    with pytest.raises(UserError, match="cannot live in a bucket"):
         _follow_move(_meta("/old/place"), "s3://bucket/p")
+    synced = {"paths": {"storage": "s3://b/p", "mlflow_uri": "http://tracking:5000", "optuna_storage": "",
+                        "cache_dir": "s3://b/p/cache"}}
+    _follow_move(synced, str(tmp_path))  # a bucket synced to a disk: readable there
+    assert synced["paths"]["cache_dir"] == f"{tmp_path}/cache"
     json.dumps(d)
 
 
 def test_credentials_in_urls_are_found_and_where_a_trial_ran_keeps_its_order():
     assert _has_credentials("postgresql://u:pw@db/x") and _has_credentials("s3://AK:SK@bucket/p")
-    assert _has_credentials("http://user@host:5000")
+    assert _has_credentials("postgresql://db/x?user=me&password=pw")
+    assert not _has_credentials("postgresql://me@db/x")  # a user name alone: PGPASSWORD or ~/.pgpass
     assert not _has_credentials("postgresql://db/x") and not _has_credentials("sqlite:////a/b.db")
     assert not _has_credentials(3) and not _has_credentials("plain")
     assert _runs_of(["a", "a", "b", "a"]) == ["a", "b", "a"]

@@ -339,7 +339,7 @@ def test_object_storage_needs_a_tracking_server_and_never_takes_credentials(tmp_
     ({"bogus": 1}, "bogus"),
     ({"tracking": {"aws_secret_access_key": "x"}}, "tracking.aws_secret_access_key: credentials never come"),
     ({"tracking": {"s3_endpoint_url": "127.0.0.1:9000"}}, "tracking.s3_endpoint_url"),
-    ({"tracking": {"optuna_storage": "postgresql://me:pw@db/optuna"}}, "tracking.optuna_storage: a URL with a user"),
+    ({"tracking": {"optuna_storage": "postgresql://me:pw@db/optuna"}}, "tracking.optuna_storage: a URL with a password"),
     ({"baselines": [{"name": "x", "checkpoint": "/nonexistent.pt"}]}, "baselines[0].checkpoint"),
 ])
 def test_bad_sweep_files_exit_2_naming_the_key(tmp_path, change, needle):
