@@ -74,7 +74,7 @@ def reference_as_task(base: dict, cache_dir: str, cpu: float, gpu: float) -> dic
 
 def task_result(ref, what: str):
     """ray.get, with a task's own error as one line: a UserError (bad storage settings on the node, say) keeps exit
-    status 2; anything else says which task failed and why (the remote traceback stays in Ray's logs)."""
+    status 2; anything else says which task failed and why, after the remote traceback (for a bug report)."""
     import ray
 
     from p2core.errors import UserError
@@ -109,8 +109,19 @@ def _baseline_task(b: dict, base: dict, cache_dir: str, ref_file: str, threads: 
     from .baselines import evaluate_one
 
     if storage.is_uri(cache_dir):
-        from p2core.data import default_cache_dir
-
-        storage.fetch(ref_file, os.path.join(default_cache_dir(""), "refstats", storage.basename(ref_file)))
+        fetch_reference(ref_file, "")
         cache_dir = ""
     return evaluate_one(b, base, cache_dir, threads)
+
+
+def fetch_reference(ref_file: str, cache_dir: str = "") -> str:
+    """Copy the sweep's reference statistics from the storage into this node's cache (`cache_dir`, "" = the node's
+    default), where the evaluator looks for them (files are named by a content key: a trial whose data differ still
+    computes its own). Returns "storage" (copied now), "cache" (already on this node) or "" (no file to copy)."""
+    from p2core.data import default_cache_dir
+
+    from . import storage
+
+    if not ref_file:
+        return ""
+    return storage.fetch(ref_file, os.path.join(default_cache_dir(cache_dir), "refstats", storage.basename(ref_file)))

@@ -34,13 +34,13 @@ def resolve_paths(spec: SweepSpec, storage: str) -> Paths:
     """Where the sweep's parts live. A path storage holds everything (SQLite stores, reference statistics); an
     object storage holds Tune's state, the trials, p2sweep's files and the reference statistics, while MLflow and
     Optuna need servers (databases do not live in buckets)."""
-    from .spec import _has_credentials
+    from .spec import has_credentials
 
     root = storage_root(storage)
     env_uri = "" if spec.mlflow_uri else os.environ.get("MLFLOW_TRACKING_URI", "")  # the one written to p2sweep.json
     for what, v in (("--storage", root), ("MLFLOW_TRACKING_URI", env_uri)):
-        if _has_credentials(v):
-            raise UserError(f"{what}: a URL with a user or password in it would be written to p2sweep.json; use "
+        if has_credentials(v):
+            raise UserError(f"{what}: a URL with a password in it would be written to p2sweep.json; use "
                             "the service's own variables (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD)")
     if S.is_uri(root):
         S.resolve(root)  # a URI without a bucket, an unknown scheme: say so now

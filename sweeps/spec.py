@@ -266,7 +266,7 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
         _need(k in ("mlflow_uri", "optuna_storage", "cache_dir", "s3_endpoint_url", "s3_region"), f"tracking.{k}",
               "unknown key")
     for k, v in [("storage", raw.get("storage"))] + [(f"tracking.{k}", v) for k, v in tr.items()]:
-        _need(not _has_credentials(v), k, "a URL with a password in it: credentials never come from a sweep "
+        _need(not has_credentials(v), k, "a URL with a password in it: credentials never come from a sweep "
               "file (it is logged to MLflow); use the service's own variables (AWS_*, MLFLOW_TRACKING_USERNAME/"
               "PASSWORD, PGPASSWORD or ~/.pgpass)")
     ep = str(tr.get("s3_endpoint_url") or "")
@@ -292,7 +292,7 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
                      s3_region=str(tr.get("s3_region") or ""), source_yaml=source, baselines=baselines)
 
 
-def _has_credentials(value) -> bool:
+def has_credentials(value) -> bool:
     """`scheme://user:password@host/...` or `...?password=...`: secrets that would be logged with the sweep file
     (a user name alone is not one: PGPASSWORD or ~/.pgpass give its password)."""
     from urllib.parse import parse_qs, urlsplit

@@ -54,20 +54,6 @@ def node_label() -> str:
     return nid[:8]
 
 
-def fetch_reference(cfg: TrainingConfig, ref_file: str) -> str:
-    """Copy the sweep's reference statistics from the storage into this node's cache, where the evaluator looks for
-    them (files are named by a content key: a trial whose data differ still computes its own). Returns "storage"
-    (copied now), "cache" (already on this node) or "" (no file to copy)."""
-    from p2core.data import default_cache_dir
-
-    from . import storage
-
-    if not ref_file:
-        return ""
-    return storage.fetch(ref_file, os.path.join(default_cache_dir(cfg.eval.cache_dir), "refstats",
-                                                storage.basename(ref_file)))
-
-
 FILES = "p2_files"  # in a Tune checkpoint: the trial's metrics.jsonl and sample grids as of that report
 
 
@@ -98,7 +84,9 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     node_ip = ray.util.get_node_ip_address()  # 127.0.0.1 for the embedded local Ray (tests check it)
     node = node_label()
     # where this trial's reference statistics came from, reported with every result (a sweep computes them once)
-    ref = {"source": fetch_reference(cfg, info.ref_file) or "cache"}
+    from .driver_tasks import fetch_reference
+
+    ref = {"source": fetch_reference(info.ref_file, cfg.eval.cache_dir) or "cache"}
     pending_log: list = []
 
     class Hooks:

@@ -9,7 +9,7 @@ from p2core.errors import UserError
 from sweeps import storage as S
 from sweeps.meta import _follow_move
 from sweeps.results import _runs_of
-from sweeps.spec import _has_credentials
+from sweeps.spec import has_credentials
 
 
 def test_read_write_list_and_fetch_on_a_path(tmp_path):
@@ -72,9 +72,9 @@ def test_a_moved_storage_is_re_rooted_and_a_move_into_a_bucket_is_refused(tmp_pa
 
 
 def test_credentials_in_urls_are_found_and_where_a_trial_ran_keeps_its_order():
-    assert _has_credentials("postgresql://u:pw@db/x") and _has_credentials("s3://AK:SK@bucket/p")
-    assert _has_credentials("postgresql://db/x?user=me&password=pw")
-    assert not _has_credentials("postgresql://me@db/x")  # a user name alone: PGPASSWORD or ~/.pgpass
-    assert not _has_credentials("postgresql://db/x") and not _has_credentials("sqlite:////a/b.db")
-    assert not _has_credentials(3) and not _has_credentials("plain")
+    assert has_credentials("postgresql://u:pw@db/x") and has_credentials("s3://AK:SK@bucket/p")
+    assert has_credentials("postgresql://db/x?user=me&password=pw")
+    assert not has_credentials("postgresql://me@db/x")  # a user name alone: PGPASSWORD or ~/.pgpass
+    assert not has_credentials("postgresql://db/x") and not has_credentials("sqlite:////a/b.db")
+    assert not has_credentials(3) and not has_credentials("plain")
     assert _runs_of(["a", "a", "b", "a"]) == ["a", "b", "a"]

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,8 @@ import pytest
 BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.cluster
 METRICS = ["kid100_ddim10", "kid100_ddim25"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from servers import free_port  # noqa: E402
 
 
 @pytest.fixture
