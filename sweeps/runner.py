@@ -256,10 +256,9 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     ray_env.prepare(address)
     spec = spec_of(meta)
     worker_env = ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
-    if meta.moved_from:
-        from .tracking import follow_move
+    from .tracking import follow_move
 
-        follow_move(meta)
+    follow_move(meta)
     if spec.algorithm == "optuna":
         from .schedulers import open_study
 

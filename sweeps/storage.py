@@ -95,11 +95,6 @@ def ray_storage(path: str) -> tuple:
     return p, fs
 
 
-def _info(path: str):
-    fs, p = resolve(path)
-    return fs.get_file_info(p)
-
-
 def _wrap(path: str, e: Exception) -> UserError:
     hint = ""
     if is_uri(path) and path.startswith("s3://"):
@@ -108,33 +103,31 @@ def _wrap(path: str, e: Exception) -> UserError:
     return UserError(f"storage {path}: {str(e).splitlines()[0][:300] if str(e) else e.__class__.__name__}{hint}")
 
 
+def _type(path: str):
+    """pyarrow's FileType of `path` (NotFound, File, Directory); storage errors as one line."""
+    fs, p = resolve(path)
+    try:
+        return fs.get_file_info(p).type
+    except OSError as e:
+        raise _wrap(path, e) from None
+
+
 def exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    try:
-        return _info(path).type != pafs.FileType.NotFound
-    except UserError:
-        raise
-    except OSError as e:
-        raise _wrap(path, e) from None
+    return _type(path) != pafs.FileType.NotFound
 
 
 def isfile(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    try:
-        return _info(path).type == pafs.FileType.File
-    except OSError as e:
-        raise _wrap(path, e) from None
+    return _type(path) == pafs.FileType.File
 
 
 def isdir(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    try:
-        return _info(path).type == pafs.FileType.Directory
-    except OSError as e:
-        raise _wrap(path, e) from None
+    return _type(path) == pafs.FileType.Directory
 
 
 def read_bytes(path: str) -> bytes | None:
@@ -184,10 +177,11 @@ def append_text(path: str, text: str) -> None:
     write_text(path, (read_text(path) or "") + text)
 
 
-def remove(path: str) -> None:
+def remove(path: str, tree: bool = False) -> None:
+    """Delete a file, or with `tree` a folder and everything in it; nothing there is not an error."""
     fs, p = resolve(path)
     try:
-        fs.delete_file(p)
+        (fs.delete_dir if tree else fs.delete_file)(p)
     except FileNotFoundError:
         pass
     except OSError as e:
@@ -195,13 +189,7 @@ def remove(path: str) -> None:
 
 
 def remove_tree(path: str) -> None:
-    fs, p = resolve(path)
-    try:
-        fs.delete_dir(p)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise _wrap(path, e) from None
+    remove(path, tree=True)
 
 
 def listdir(path: str) -> list[str]:
@@ -245,12 +233,9 @@ def download(path: str, local: str) -> str | None:
         info = fs.get_file_info(p)
         if info.type == pafs.FileType.NotFound:
             return None
-        if info.type == pafs.FileType.File:
-            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-            pafs.copy_files(p, os.path.abspath(local), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            return local
-        os.makedirs(local, exist_ok=True)
+        # a file needs its parent folder, a folder itself
+        os.makedirs(os.path.dirname(os.path.abspath(local)) if info.type == pafs.FileType.File else local,
+                    exist_ok=True)
         pafs.copy_files(p, os.path.abspath(local), source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
     except OSError as e:

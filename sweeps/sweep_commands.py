@@ -219,7 +219,7 @@ def cmd_report(args) -> int:
     meta, trials = _trials(args.name, args.storage)
     if not trials:
         raise UserError(f"sweep {args.name!r} has no trial yet: nothing to report")
-    if meta.moved_from and not args.no_mlflow:
+    if not args.no_mlflow:
         from .tracking import follow_move
 
         follow_move(meta)
@@ -292,12 +292,10 @@ def cmd_ui(args) -> int:
     exp_path = ""
     if args.name:
         meta = load_meta(args.name, args.storage)
-        if meta.moved_from:
-            from .tracking import follow_move
+        from .tracking import client, follow_move, set_sweep_view
 
-            follow_move(meta)
+        follow_move(meta)
         uri = meta.paths.mlflow_uri
-        from .tracking import client, set_sweep_view
 
         c = client(uri)
         exp = c.get_experiment_by_name(meta.experiment)

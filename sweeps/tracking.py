@@ -436,7 +436,8 @@ def set_sweep_view(c, experiment_id: str, meta, trials) -> str:
 
 
 def follow_move(meta) -> None:
-    """The storage folder was moved or copied (`meta.moved_from` is its old root). Its own SQLite store records
+    """After the storage folder was moved or copied (`meta.moved_from` is its old root; nothing to do when it is
+    empty). Its own SQLite store records
     absolute artifact locations under the old root: point them at the new one, so the UI shows the artifacts and new
     ones land beside the store; then record the new root in `p2sweep.json`. A tracking server, and locations outside
     the old root, are left alone."""
@@ -444,6 +445,8 @@ def follow_move(meta) -> None:
 
     from p2core.errors import UserError
 
+    if not meta.moved_from:
+        return
     old, new, uri = meta.moved_from, meta.paths.storage, meta.paths.mlflow_uri
     db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
     if db and os.path.dirname(db) == new:

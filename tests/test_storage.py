@@ -1,6 +1,5 @@
 """sweeps/storage.py on local paths (the same code serves s3://, tested against a real S3 API in
 tests/cluster/test_s3_storage.py), moved-storage re-rooting, and the credential checks of sweep files."""
-import json
 import os
 
 import pytest
@@ -68,7 +67,6 @@ def test_a_moved_storage_is_re_rooted_and_a_move_into_a_bucket_is_refused(tmp_pa
                         "cache_dir": "s3://b/p/cache"}}
     _follow_move(synced, str(tmp_path))  # a bucket synced to a disk: readable there
     assert synced["paths"]["cache_dir"] == f"{tmp_path}/cache"
-    json.dumps(d)
 
 
 def test_credentials_in_urls_are_found_and_where_a_trial_ran_keeps_its_order():

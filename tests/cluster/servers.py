@@ -37,6 +37,19 @@ def wait_port(port: int, seconds: float) -> bool:
     return False
 
 
+def wait_http(url: str, proc, log: str, seconds: float = 120) -> None:
+    """Until `url` answers; fails with the end of the server's log when it exits or takes too long."""
+    end = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.time() > end or proc.poll() is not None:
+                raise AssertionError(f"{url} did not come up: " + open(log).read()[-2000:])
+            time.sleep(0.5)
+
+
 def start(cmd: list, env: dict, log: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
 
@@ -102,14 +115,7 @@ class MLflowServer:
                            f"sqlite:///{os.path.join(tmp, 'mlflow.db')}", "--artifacts-destination",
                            f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(self.port),
                            "--workers", "1"], env, os.path.join(tmp, "mlflow.log"))
-        end = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < end and self.proc.poll() is None, open(os.path.join(tmp, "mlflow.log")).read()[-2000:]
-                time.sleep(0.5)
+        wait_http(f"{self.uri}/health", self.proc, os.path.join(tmp, "mlflow.log"))
 
     def stop(self):
         stop(self.proc)

@@ -7,8 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -16,7 +14,7 @@ BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.cluster
 METRICS = ["kid100_ddim10", "kid100_ddim25"]
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from servers import free_port  # noqa: E402
+from servers import free_port, wait_http  # noqa: E402
 
 
 @pytest.fixture
@@ -47,15 +45,7 @@ def server(tmp_path):
                           "--port", str(port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
                          stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
     try:
-        end = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > end or p.poll() is not None:
-                    pytest.fail("mlflow server did not come up: " + (tmp_path / "server.log").read_text()[-2000:])
-                time.sleep(1)
+        wait_http(f"http://127.0.0.1:{port}/health", p, str(tmp_path / "server.log"))
         yield f"http://127.0.0.1:{port}/{path}", c, exp
     finally:
         os.killpg(p.pid, signal.SIGTERM)  # its own session: the server and its workers, no one else's
