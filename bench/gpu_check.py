@@ -81,7 +81,7 @@ sys.path.insert(0, {root!r})
 from p2core.config import load_config
 from p2core.trainer import Trainer
 cfg = load_config({cfg!r}, overrides={over!r})
-tr = Trainer(cfg, {out!r}, progress=False)
+tr = Trainer.from_config(cfg, {out!r}, progress=False)
 t0 = time.perf_counter()
 tr.run()
 recs = [json.loads(l) for l in open(tr.metrics_path) if '"images_per_s"' in l]

@@ -36,7 +36,7 @@ def main():
         for vals in itertools.product(*[spec["space"][k]["grid"] for k in keys]):
             d = apply_overrides(spec["base"], {**dict(zip(keys, vals)), "metric": spec["metric"],
                                                "eval.cache_dir": os.path.join(tmp, "cache"), "train.num_threads": 1})
-            Trainer(config_from_dict(d), os.path.join(tmp, f"seq{n}"), progress=False).run()
+            Trainer.from_config(config_from_dict(d), os.path.join(tmp, f"seq{n}"), progress=False).run()
             n += 1
         seq_s = time.perf_counter() - t0
     print(json.dumps({"trials": n, "ray_sweep_wall_s": round(ray_s, 1), "sequential_in_process_s": round(seq_s, 1),

@@ -38,10 +38,7 @@ SPECS = ["ddim10", "ddim25", "ddim50"]
 SPACE = {"diffusion.p2_gamma": {"grid": [0.0, 0.5, 1.0]}, "diffusion.noise_schedule": {"grid": ["linear", "cosine"]}}
 
 
-def steps_of(spec: str) -> int:
-    """Denoising steps of a sampling spec: "ddim25" -> 25, "250" -> 250, "10,15,20" -> 45."""
-    s = str(spec)
-    return int(s[4:]) if s.startswith("ddim") else sum(int(x) for x in s.split(","))
+from sweeps.results.analysis import steps_of  # noqa: E402  (the report's own count of image-steps)
 
 
 # -- reading a sweep's results ----------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 A p2sweep checkpoint is a dict with `format` = "p2sweep/1", `config_yaml` (the TrainingConfig as YAML text, never a
 pickled object), `model`, `ema` and `optimizer` state dicts, `images_seen`, `step`, `rng` (tensors only) and
-`data_state`. A bare state_dict (as the official trainer saves `model*.pt` / `ema_*.pt`) is also accepted where a
-model is loaded.
+`data_state`; with a power-function EMA (`train.ema.type: power`) also `power_ema`, the
+`phema.PowerEMA.state_dict()` for an exact resume, while `ema` holds the weights of its evaluated profile (a bare
+state_dict like a classic EMA's). A bare state_dict (as the official trainer saves `model*.pt` / `ema_*.pt`) is
+also accepted where a model is loaded.
 
 `load_model` is the one way from a checkpoint file to a model: it resolves the config (`resolve_config`), builds
 the UNet and loads the weights strictly (`load_checkpoint_weights`, also used by the trainer's --init-from).
@@ -90,11 +92,12 @@ def load_checkpoint_weights(model: torch.nn.Module, obj: dict, source: str, *, p
 
 
 def _merge_sections(base: dict, extra: dict) -> dict:
-    """`extra`'s sections merged into `base` key by key (a non-mapping value, e.g. `metric`, replaces)."""
+    """`extra`'s sections merged into `base` key by key, nested sections (`train.ema`) too (a non-mapping value,
+    e.g. `metric`, replaces)."""
     out = dict(base)
     for sec, vals in extra.items():
         if isinstance(vals, dict) and isinstance(out.get(sec), dict):
-            out[sec] = {**out[sec], **vals}
+            out[sec] = _merge_sections(out[sec], vals)
         else:
             out[sec] = vals
     return out

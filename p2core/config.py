@@ -3,6 +3,36 @@
 A config file has the sections `model`, `diffusion`, `data`, `train`, `eval`; every key is addressable by a dotted
 path (`diffusion.p2_gamma`), which is how `--set` and sweep search spaces name them. Errors raise UserError with the
 file or dotted key in the message.
+
+EMA of the weights (`train.ema`)
+--------------------------------
+`train.ema.type: classic` (the default) is ADM's EMA, `train.ema_rate` (and `train.ema_warmup`), unchanged: the
+same weights, checkpoints and logs as before `train.ema` existed; `train.ema`'s other keys are then unused.
+(guided-diffusion's comma list of classic rates, `ema_rate: "0.9999,0.999"`, is not accepted: `ema_rate` stays a
+single float.)
+
+`train.ema.type: power` replaces it by the power-function EMA of Karras et al. 2024 (p2core.phema): one profile per
+`sigma_rels` entry (default [0.05, 0.10]; each in (0, 0.3), the EMA's width relative to the images seen), and a
+snapshot of every profile written to `<out_dir>/ema_snapshots/snap_<images>.pt` every `snapshot_every_images`
+(0 = at every checkpoint point, `train.checkpoint_every_images`, which must then be > 0), and at the end. From the
+snapshots an EMA of any sigma_rel (or a classic rate) at any snapshot point is reconstructed after training
+(`phema.reconstruct(phema.load_snapshots(folder), sigma_rel, at_images)`). During training, grids, the tracked
+metric and the checkpoint's `ema` weights use the tracked profile with the largest sigma_rel; `eval.ema_sigma_rels`
+adds, at every evaluation, the same metrics for the EMA of each listed sigma_rel, reconstructed from the snapshots
+taken so far (never a later one; one is taken at the evaluation point if none is there), named
+`<metric>_ema<sigma_rel>` and sampled from the same initial noise as the tracked profile (paired comparisons). Each listed sigma_rel costs one more
+evaluation at every point. `train.ema_rate` and `ema_warmup` are unused.
+
+Snapshot size: `snapshot_dtype` (float16 by default; bfloat16 or float32) times the parameter count, per profile:
+2 bytes x parameters per profile in fp16, e.g. about 190 MB per fp16 snapshot per profile for the 93.6M-parameter
+paper config (375 MB per snapshot file with two profiles). Choosing `snapshot_every_images`: a reconstruction at T
+images uses only the snapshots taken up to T, and its accuracy grows with their number: tests/test_phema.py
+measures a relative error of 7.4e-4 with 20 snapshots per profile before T and 1.1e-4 with 40 (the 0.05 and
+0.10 profiles themselves differ by 0.07-0.16 there). So choose it so that the earliest point you will reconstruct
+at (the first ASHA rung, the first evaluation) has at least ~20 snapshots before it: snapshot_every_images <=
+that point / 20; a multiple of the batch size keeps the snapshot times on the nominal points. Disk is then the
+number of snapshots x profiles x bytes per parameter x parameters. fp16 rounding adds a relative error of about
+2e-4 to a reconstruction, bf16 about 1.4e-3 (same tests), float32 none.
 """
 from __future__ import annotations
 
@@ -63,6 +93,25 @@ class DataConfig:
     cache_dir: str = ""  # decoded-image cache ("" = $P2SWEEP_CACHE or ~/.cache/p2sweep)
 
 
+EMA_TYPES = ("classic", "power")
+SNAPSHOT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class EMAConfig:
+    """`train.ema`: which EMA of the weights a run keeps (see the module docstring)."""
+    type: str = "classic"  # classic (train.ema_rate, ADM) | power (power-function EMA, post-hoc reconstruction)
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # power: the tracked profiles
+    snapshot_every_images: int = 0  # power: 0 = every checkpoint point (train.checkpoint_every_images)
+    snapshot_dtype: str = "float16"  # float16 | bfloat16 | float32: 2, 2 or 4 bytes per parameter and profile
+
+    def snapshot_every(self, checkpoint_every_images: int) -> int:
+        """The snapshot interval in images (0 = no snapshots: a classic EMA)."""
+        if self.type != "power":
+            return 0
+        return self.snapshot_every_images or checkpoint_every_images
+
+
 @dataclass
 class TrainConfig:
     total_images: int = 100_000
@@ -72,6 +121,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     ema_rate: float = 0.9999
     ema_warmup: bool = False  # rate min(ema_rate, (1+step)/(10+step)); off = ADM
+    ema: EMAConfig = field(default_factory=EMAConfig)  # type: classic (the two keys above) | power
     seed: int = 0
     log_every_images: int = 2048
     eval_every_images: int = 0  # 0 = only at the end
@@ -101,6 +151,9 @@ class EvalConfig:
     cache_dir: str = ""
     full_at_end: bool = True  # evaluate every sampling spec at the end, not only the tracked metric's
     seed: int = 1234
+    # power EMA only: also evaluate the EMA of each sigma_rel, reconstructed at every evaluation point from the
+    # snapshots so far (metrics suffixed _ema0.10 ...); [] = the tracked profile alone
+    ema_sigma_rels: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -167,6 +220,14 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")
         return value
+    if origin is list and typing.get_args(tp) == (float,):
+        if isinstance(value, str):  # "0.05,0.10" (a --set or a search space value)
+            value = [v for v in (x.strip() for x in value.split(",")) if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list of numbers, got {value!r}")
+        return [_coerce(v, float, key) for v in value]
     if tp is list or origin is list:
         if isinstance(value, (str, int)) and not isinstance(value, bool):
             value = [value]
@@ -334,6 +395,18 @@ def validate(cfg: TrainingConfig) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
     need(0.0 <= t.ema_rate < 1.0, "train.ema_rate", "must be in [0, 1)")
+    em = t.ema
+    need(em.type in EMA_TYPES, "train.ema.type", f"unknown EMA type {em.type!r} (expected classic or power)")
+    need(len(em.sigma_rels) >= 1, "train.ema.sigma_rels", "must list at least one sigma_rel")
+    for s in em.sigma_rels:
+        need(0.0 < s < 0.3, "train.ema.sigma_rels", f"each must be in (0, 0.3), got {s}")
+    need(len({f"{s:.4g}" for s in em.sigma_rels}) == len(em.sigma_rels), "train.ema.sigma_rels",
+         f"duplicate values in {em.sigma_rels}")
+    need(em.snapshot_dtype in SNAPSHOT_DTYPES, "train.ema.snapshot_dtype",
+         f"unknown dtype {em.snapshot_dtype!r} (expected float16, bfloat16 or float32)")
+    need(em.snapshot_every_images >= 0, "train.ema.snapshot_every_images", "must be >= 0")
+    need(em.type != "power" or em.snapshot_every(t.checkpoint_every_images) > 0, "train.ema.snapshot_every_images",
+         "must be > 0 with train.ema.type power when train.checkpoint_every_images is 0 (0 = every checkpoint)")
     for k in ("log_every_images", "eval_every_images", "checkpoint_every_images", "sample_every_images",
               "num_threads", "grid_samples"):
         need(getattr(t, k) >= 0, f"train.{k}", "must be >= 0")
@@ -356,6 +429,15 @@ def validate(cfg: TrainingConfig) -> None:
     need(not e.inception_sha256 or re.fullmatch(r"[0-9a-fA-F]{64}", e.inception_sha256), "eval.inception_sha256",
          f"expected 64 hex digits (a sha256), got {e.inception_sha256!r}")
     need(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(not e.ema_sigma_rels or em.type == "power", "eval.ema_sigma_rels",
+         "needs train.ema.type: power (a classic EMA keeps no snapshots to reconstruct from)")
+    from .metrics import ema_label
+
+    for s in e.ema_sigma_rels:
+        need(0.0 < s < 0.3, "eval.ema_sigma_rels", f"each must be in (0, 0.3), got {s}")
+        need(round(s, 4) == s, "eval.ema_sigma_rels", f"at most 4 decimals (metric names write them), got {s}")
+    need(len({ema_label(s) for s in e.ema_sigma_rels}) == len(e.ema_sigma_rels), "eval.ema_sigma_rels",
+         f"duplicate values in {e.ema_sigma_rels}")
     if cfg.metric:
         from .metrics import canonical_metric_name, check_metric_produced
         try:

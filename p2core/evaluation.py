@@ -35,7 +35,7 @@ import torch.nn as nn
 from .atomic import atomic_write
 from .data import default_cache_dir, file_lock
 from .errors import UserError
-from .metrics import metric_name
+from .metrics import metric_name, steps_label
 
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SIZE = 87_335_461
@@ -436,8 +436,9 @@ class Evaluator:
                     results[name] = fid_from_stats(mu, sigma, ref["mu"], ref["sigma"])
                 else:
                     results[name] = kid_from_feats(feats[:n], ref_kid)
-            results[f"gen_seconds_{spec.replace(',', '-')}"] = t1 - t0
-            results[f"feat_seconds_{spec.replace(',', '-')}"] = time.perf_counter() - t1
-            results[f"gen_images_{spec.replace(',', '-')}"] = n_max
+            lab = steps_label(spec)
+            results[f"gen_seconds_{lab}"] = t1 - t0
+            results[f"feat_seconds_{lab}"] = time.perf_counter() - t1
+            results[f"gen_images_{lab}"] = n_max
         results["ref_samples"] = int(self.ref["n"])
         return results

@@ -3,6 +3,9 @@
 metric: fid | kid (Inception features) or rfid | rkid (the cheap random test network); n: number of generated
 images (10000 -> "10k", 512 -> "512"); steps: the sampling spec ("250" DDPM respaced to 250, "ddim25" DDIM;
 section counts "10,15,20" are written "10-15-20" since MLflow refuses commas in metric names).
+
+A metric of an EMA reconstructed post hoc (`eval.ema_sigma_rels`, a power-function EMA) carries its sigma_rel as a
+suffix: `kid1k_ddim25_ema0.10` (`with_ema`, `split_ema`); the bare name is the tracked profile's.
 """
 from __future__ import annotations
 
@@ -16,7 +19,13 @@ def count_label(n: int) -> str:
 
 
 def steps_label(spec: str) -> str:
+    """A sampling spec as metric names and result keys write it: "10,15,20" -> "10-15-20" (MLflow refuses commas)."""
     return str(spec).replace(",", "-")
+
+
+def steps_from_label(label: str) -> str:
+    """The sampling spec a label names: "10-15-20" -> "10,15,20" (the inverse of `steps_label`)."""
+    return str(label).replace("-", ",")
 
 
 def metric_name(kind: str, n: int, spec: str, extractor: str = "inception") -> str:
@@ -31,7 +40,7 @@ def parse_metric_name(name: str) -> tuple[str, int, str]:
         raise ValueError(f"bad metric name {name!r}: expected {{fid|kid|rfid|rkid}}{{n}}_{{steps}}, e.g. fid10k_250 or kid512_ddim25")
     kind, n, steps = m.groups()
     count = int(n[:-1]) * 1000 if n.endswith("k") else int(n)
-    return kind, count, steps.replace("-", ",")
+    return kind, count, steps_from_label(steps)
 
 
 def canonical_metric_name(name: str) -> str:
@@ -43,8 +52,71 @@ def canonical_metric_name(name: str) -> str:
     return f"{kind}{count_label(n)}_{steps_label(parse_respacing(steps))}"
 
 
+_EMA = re.compile(r"^(.+)_ema(\d+\.\d+)$")
+
+
+def ema_label(sigma_rel: float) -> str:
+    """A sigma_rel as metric names write it, at least two decimals: 0.1 -> "ema0.10", 0.075 -> "ema0.075"."""
+    txt = f"{float(sigma_rel):.4f}".rstrip("0")
+    whole, frac = txt.split(".")
+    return f"ema{whole}.{frac.ljust(2, '0')}"
+
+
+TRACKED = "tracked"  # the EMA a run evaluates during training, as tables and EMA candidates name it
+
+
+def ema_name(sigma_rel: float | None) -> str:
+    """How tables, reports and EMA candidates name an EMA: "tracked" (None), else its sigma_rel ("0.07")."""
+    return TRACKED if sigma_rel is None else f"{float(sigma_rel):g}"
+
+
+def with_ema(name: str, sigma_rel: float) -> str:
+    """`name` (a metric or another result key) for the EMA of `sigma_rel`: "kid1k_ddim25" -> "kid1k_ddim25_ema0.10"."""
+    return f"{name}_{ema_label(sigma_rel)}"
+
+
+def split_ema(name: str) -> tuple[str, float | None]:
+    """("kid1k_ddim25", 0.1) for "kid1k_ddim25_ema0.10"; (name, None) for a name without an EMA suffix."""
+    m = _EMA.match(name or "")
+    return (m.group(1), float(m.group(2))) if m else (name, None)
+
+
 def is_metric_name(name: str) -> bool:
     return bool(_NAME.match(name or ""))
+
+
+def same_metric(a: str, b: str) -> bool:
+    """`a` and `b` name the same metric, in either spelling of the count ("kid1000_ddim25" and "kid1k_ddim25")."""
+    return a == b or (is_metric_name(a) and is_metric_name(b) and canonical_metric_name(a) == canonical_metric_name(b))
+
+
+def same_family(name: str, metric: str) -> bool:
+    """`name` (any result key) is a metric of `metric`'s family: the same kind and sample count, at any sampling
+    spec and of any EMA ("kid1k_250", "kid1k_ddim10" and "kid1k_ddim10_ema0.07"; not "fid1k_250" nor "kid512_250").
+    `metric` must be a metric name."""
+    base = split_ema(name)[0]
+    return is_metric_name(base) and parse_metric_name(base)[:2] == parse_metric_name(metric)[:2]
+
+
+def family_of(names, metric: str) -> list[str]:
+    """The metrics of `metric`'s family among `names` (one per sampling spec and EMA), `metric` first, then by
+    name."""
+    return sorted({n for n in names if same_family(n, metric)}, key=lambda k: (k != metric, k))
+
+
+def metrics_at(points, point_metrics: dict, final: bool = False) -> tuple[list, bool]:
+    """(own, tracked): what one evaluation answering the evaluation points `points` (images) computes. `own`: each
+    point's own metrics (`point_metrics`: point -> [names], a low ASHA rung's cheaper metric); `tracked`: whether the
+    tracked metric is computed too (at the end, with no points, or when a point has no own metric)."""
+    own = [m for p in points for m in point_metrics.get(p, [])]
+    return own, final or not points or any(p not in point_metrics for p in points)
+
+
+def judged_on(points, point_metrics: dict, metric: str) -> str:
+    """The metric that judges an evaluation answering `points`: the own metric of the highest point that has one
+    (a low ASHA rung), else the tracked `metric` (`metrics_at` computes it there)."""
+    low = [p for p in points if p in point_metrics]
+    return point_metrics[max(low)][0] if low else metric
 
 
 def check_metric_produced(name: str, cfg) -> str:

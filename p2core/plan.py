@@ -1,14 +1,77 @@
-"""Work estimates for a config (torch-free, for --dry-run)."""
+"""When a run does what, by images seen, and work estimates for a config (torch-free, for --dry-run).
+
+`Schedule` is the one place that says at which image counts a training run logs, samples a grid, evaluates and
+checkpoints; the trainer asks it after every step which of those the step made due.
+"""
 from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+# the kinds of event every run has, in the order the trainer handles them within one step
+LOG, SAMPLE, EVALUATE, CHECKPOINT = "log", "sample", "evaluate", "checkpoint"
+EVENT_KINDS = (LOG, SAMPLE, EVALUATE, CHECKPOINT)
+# power-EMA snapshots (train.ema.type power): only in a schedule with snapshot_every > 0; the trainer writes them
+# right after the log, before the grid, the evaluation (whose report may end the run) and the checkpoint
+SNAPSHOT = "snapshot"
 
 
 def eval_points(cfg, extra=()) -> list[int]:
+    """The sorted image counts at which a run evaluates: each multiple of eval_every_images, the `extra` points
+    (e.g. ASHA rungs) and the end, keeping those in (0, total_images]."""
     t = cfg.train
     pts = set(extra)
     if t.eval_every_images:
         pts.update(range(t.eval_every_images, t.total_images + 1, t.eval_every_images))
     pts.add(t.total_images)
     return sorted(p for p in pts if 0 < p <= t.total_images)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The image-count events of one run. A periodic event (every > 0) falls at each multiple of `every`;
+    evaluations at `eval_points` (sorted image counts, the end included); the end of training (total_images) fires
+    every kind. An `every` of 0 means only at the end, except for snapshots (SNAPSHOT, power EMA): snapshot_every
+    0 means none at all, > 0 each multiple and the end."""
+    total_images: int
+    log_every: int = 0
+    sample_every: int = 0
+    checkpoint_every: int = 0
+    eval_points: tuple[int, ...] = ()
+    snapshot_every: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, extra_eval_points=()) -> Schedule:
+        t = cfg.train
+        return cls(t.total_images, t.log_every_images, t.sample_every_images, t.checkpoint_every_images,
+                   tuple(eval_points(cfg, extra_eval_points)), t.ema.snapshot_every(t.checkpoint_every_images))
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """Every kind this schedule fires (at the end all of them fire)."""
+        return frozenset(EVENT_KINDS) | ({SNAPSHOT} if self.snapshot_every > 0 else frozenset())
+
+    def evals_in(self, before: int, after: int) -> list[int]:
+        """The evaluation points in (before, after]: the points one evaluation after this step answers."""
+        return list(self.eval_points[bisect.bisect_right(self.eval_points, before):
+                                     bisect.bisect_right(self.eval_points, after)])
+
+    def due(self, before: int, after: int) -> frozenset[str]:
+        """The kinds of event a step from `before` to `after` images (before < after) passed or reached: a kind
+        fires once however many of its points the step jumped over. Depends on nothing but the two counts, so a
+        run resumed at any image count continues the same events."""
+        if after >= self.total_images:
+            return self.kinds
+
+        def passed(every: int) -> bool:
+            return every > 0 and after // every > before // every  # a multiple of every in (before, after]
+
+        kinds = {k for k, every in ((LOG, self.log_every), (SAMPLE, self.sample_every),
+                                    (CHECKPOINT, self.checkpoint_every), (SNAPSHOT, self.snapshot_every))
+                 if passed(every)}
+        if self.evals_in(before, after):
+            kinds.add(EVALUATE)
+        return frozenset(kinds)
 
 
 def generated_images(cfg, n_evals: int, cheap=()) -> int:
@@ -19,7 +82,8 @@ def generated_images(cfg, n_evals: int, cheap=()) -> int:
         return 0
     per_point = ev.num_samples * (1 if cfg.metric else len(ev.sampling_steps))
     last = ev.num_samples * len(ev.sampling_steps) if ev.full_at_end else per_point
-    return per_point * max(n_evals - 1 - len(cheap), 0) + sum(cheap) + last
+    emas = 1 + len(ev.ema_sigma_rels)  # each post-hoc EMA is scored like the tracked one at every point
+    return emas * (per_point * max(n_evals - 1 - len(cheap), 0) + sum(cheap) + last)
 
 
 def describe_training(cfg, extra_eval_points=()) -> str:
@@ -30,4 +94,17 @@ def describe_training(cfg, extra_eval_points=()) -> str:
     return (f"# plan: {t.total_images} images in {steps} steps of batch {t.batch_size}; "
             f"{len(pts) if cfg.eval.enabled else 0} evaluation(s) at {pts if cfg.eval.enabled else []}; "
             f"{gen} images generated for {cfg.eval.extractor} metrics"
-            + (f"; tracked metric {cfg.metric}" if cfg.metric else ""))
+            + (f"; tracked metric {cfg.metric}" if cfg.metric else "")
+            + (f"; power EMA {t.ema.sigma_rels}: {snapshots(cfg)} snapshot(s) ({t.ema.snapshot_dtype}) every "
+               f"{t.ema.snapshot_every(t.checkpoint_every_images)} images" if t.ema.type == "power" else ""))
+
+
+def snapshots(cfg) -> int:
+    """The number of power-EMA snapshot files a run writes (0 with a classic EMA): one at each multiple of the
+    interval and at the end (fewer if the interval is below the batch size: one step writes one snapshot)."""
+    t = cfg.train
+    every = t.ema.snapshot_every(t.checkpoint_every_images)
+    if not every:
+        return 0
+    return t.total_images // every + (t.total_images % every != 0)
+

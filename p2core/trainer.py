@@ -1,9 +1,10 @@
 """The P2 training loop: driven by images seen, checkpointed atomically, resumable to the same loss sequence.
 
-The trainer knows nothing of Ray or MLflow: the sweep layer passes `hooks` (any object with some of
-`on_log(trainer, record)`, `on_eval(trainer, record)`, `on_checkpoint(trainer, path)`) and extra evaluation points.
+`Trainer` takes its parts as arguments (model, diffusion, data stream, EMA, optimizer, evaluator, event schedule,
+hooks), as guided-diffusion's `TrainLoop` does; `Trainer.from_config` builds them from a TrainingConfig. It knows
+nothing of Ray or MLflow: the sweep layer passes `hooks` (see `TrainerHooks`) and extra evaluation points.
 Output directory layout: checkpoints/ckpt_<images>.pt, metrics.jsonl, samples/grid_<images>.png, loss.png,
-config.yaml.
+config.yaml, and with a power-function EMA (train.ema.type power) ema_snapshots/snap_<images>.pt (p2core.phema).
 """
 from __future__ import annotations
 
@@ -11,23 +12,43 @@ import json
 import math
 import os
 import time
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
 
 from . import accel
 from . import checkpoint as ckpt
-from . import plan
+from . import phema, plan
 from .atomic import atomic_write_text, save_figure
 from .config import TrainingConfig
 from .data import load_dataset, to_float
-from .diffusion import diffusion_from_config
-from .ema import EMA
+from .diffusion import GaussianDiffusion, diffusion_from_config
+from .ema import EMA, PowerEMAModel, make_ema
 from .errors import Diverged, UserError
 from .sampling import generate, save_grid
 from .unet import model_from_config
+from .weighting import SNR_PHASES, snr_phase
 
-PHASES = (("coarse", 0.0, 1e-2), ("content", 1e-2, 1.0), ("cleanup", 1.0, math.inf))  # the paper's 3 stages by SNR
+if TYPE_CHECKING:  # evaluation imports the feature networks: loaded only when a run evaluates
+    from .evaluation import Evaluator
+
+
+class TrainerHooks(Protocol):
+    """What the trainer calls on its caller (the sweep layer's trainable, a test). Every method is optional: the
+    trainer calls those the object has, so a hooks object may define any subset."""
+
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        """After a training record ({"kind": "train", "images_seen", "step", "loss", ...}) is logged."""
+
+    def on_eval(self, trainer: Trainer, record: dict) -> None:
+        """After an evaluation ({"kind": "eval", "images_seen", "points", metrics..., "final"})."""
+
+    def on_checkpoint(self, trainer: Trainer, path: str) -> None:
+        """After the checkpoint at `path` is written (or found already written)."""
+
+    def on_snapshot(self, trainer: Trainer, path: str) -> None:
+        """After the power-EMA snapshot file at `path` is written (before any checkpoint that lists it)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,63 +81,179 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
-class Trainer:
-    def __init__(self, cfg: TrainingConfig, out_dir: str, *, hooks=None, extra_eval_points=(), point_metrics=None,
-                 progress=True,
-                 resume: bool = False, resume_from: str | None = None, init_from: str | None = None,
-                 own_checkpoints: bool = True):
-        self.cfg = cfg
-        self.out_dir = out_dir
-        self.hooks = hooks
-        self.progress = progress
-        # False when the caller keeps the checkpoints (the sweep layer hands them to Ray Tune at each report)
-        self.own_checkpoints = own_checkpoints
-        t = cfg.train
-        torch.set_num_threads(t.num_threads or available_cpus())
-        self.device = resolve_device(t.device)
-        torch.manual_seed(t.seed)
-        self.images, self.dataset_key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
-        self.bf16 = accel.use_bf16(t.bf16, self.device)
-        self.channels_last = t.channels_last
-        self.model = model_from_config(cfg).to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.model, t.ema_rate, warmup=t.ema_warmup)
-        self.opt = accel.make_optimizer(self.model.parameters(), t.lr, t.weight_decay, self.device)
-        self.diffusion = diffusion_from_config(cfg.diffusion)
-        self.phase_of_t = torch.from_numpy(np.digitize(self.diffusion.snr, [1e-2, 1.0])).to(self.device)
-        self.gen = torch.Generator(device=self.device).manual_seed(t.seed)
-        self.images_seen = 0
-        self.step = 0
+class ImageStream:
+    """The training images as a stream of batches: each epoch a permutation seeded by (seed, epoch), batches cut
+    across epoch boundaries, optional horizontal flips drawn from the caller's generator. Its state is
+    (epoch, position in the epoch), so a resumed run continues the same order."""
+
+    def __init__(self, images: np.ndarray, dataset_key: str, *, seed: int, random_flip: bool,
+                 device: torch.device, channels_last: bool = False):
+        """images: uint8 [N, C, S, S]; dataset_key: the dataset's identity (for reference statistics)."""
+        self.images, self.dataset_key = images, dataset_key
+        self.seed, self.random_flip, self.device, self.channels_last = seed, random_flip, device, channels_last
         self.epoch, self.pos = 0, 0
         self._perm = None
-        self.net = torch.compile(self.model) if t.compile else self.model
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = None
+
+    def _next_indices(self, n: int) -> torch.Tensor:
+        out = []
+        N = len(self.images)
+        while n > 0:
+            if self._perm is None:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._perm = torch.randperm(N, generator=g)
+            take = min(n, N - self.pos)
+            out.append(self._perm[self.pos:self.pos + take])
+            self.pos += take
+            n -= take
+            if self.pos >= N:
+                self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        return torch.cat(out)
+
+    def next_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The next n images, float [n, C, S, S] in [-1, 1] on the device (channels-last if so configured); the
+        flips draw n uniforms from `generator` (the trainer's, so its state in a checkpoint covers them)."""
+        idx = self._next_indices(n).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        x = to_float(x.to(self.device, non_blocking=True))
+        if self.random_flip:
+            flip = torch.rand(n, device=self.device, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, diffusion: GaussianDiffusion, data: ImageStream,
+                 ema: EMA | PowerEMAModel,
+                 optimizer: torch.optim.Optimizer, evaluator: Evaluator | Callable[[], Evaluator] | None,
+                 schedule: plan.Schedule, hooks: TrainerHooks | None = None, *, cfg: TrainingConfig, out_dir: str,
+                 device: torch.device, bf16: bool = False, point_metrics: dict | None = None, progress: bool = True,
+                 own_checkpoints: bool = True, snapshot_dir: str | None = None):
+        """The parts, built (`from_config` builds them from a config; this constructor touches no file).
+
+        model: the UNet on `device`, trained in place; ema: its EMA (classic, or a power EMA whose snapshots are
+        written at the schedule's SNAPSHOT events; its evaluated profile is what grids and evaluations use); data:
+        the training images; evaluator: an Evaluator, or a zero-argument callable that builds one at the first
+        evaluation (building one may load Inception and draws on torch's global RNG, so `from_config` defers it
+        past the training steps before it); schedule: when to log, sample, snapshot, evaluate and checkpoint, and
+        where training ends; cfg: the hyperparameters the loop reads (seed, batch size, grad clip, eval and
+        sampling settings) and what a checkpoint records; bf16: autocast the forward pass. point_metrics:
+        evaluation point (images) -> the metric names computed there instead of the tracked metric (the cheap
+        metric of a low ASHA rung); every other point computes the tracked metric. own_checkpoints: False when the
+        caller keeps the checkpoints (the sweep layer hands them to Ray Tune at each report); snapshot_dir: where
+        power-EMA snapshots are written (default out_dir/ema_snapshots)."""
+        self.cfg, self.out_dir, self.hooks, self.progress = cfg, out_dir, hooks, progress
+        self.own_checkpoints = own_checkpoints
+        self.device, self.bf16 = device, bf16
+        self.model, self.diffusion, self.data, self.ema, self.opt = model, diffusion, data, ema, optimizer
+        self.schedule = schedule
+        if schedule.snapshot_every > 0 and not hasattr(ema, "snapshot"):
+            raise ValueError("the schedule has power-EMA snapshots but the EMA takes none (a classic EMA)")
+        if evaluator is None or hasattr(evaluator, "evaluate_model"):
+            self.evaluator, self._make_evaluator = evaluator, None
+        else:
+            self.evaluator, self._make_evaluator = None, evaluator
+        # each timestep's SNR phase (index into SNR_PHASES), on the device: the per-phase loss sums index it
+        self.phase_of_t = torch.from_numpy(snr_phase(diffusion.snr)).to(device)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.train.seed)  # timesteps, noise and flips
+        self.images_seen = 0
+        self.step = 0
+        self.net = torch.compile(model) if cfg.train.compile else model
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
-        self.evaluator = None
-        self.eval_points = plan.eval_points(cfg, extra_eval_points)
-        # evaluation point (images) -> the metric names computed there instead of the tracked metric (the cheap
-        # metric of a low ASHA rung); every other point computes the tracked metric
+        self.snapshot_dir = snapshot_dir or os.path.join(out_dir, "ema_snapshots")
         self.point_metrics = {int(k): list(v) for k, v in (point_metrics or {}).items()}
+        self.missing_snapshots: list[int] = []  # power EMA: snapshot times a resume did not find (load_checkpoint)
+        self._snapshot_at = -1  # the image count of the last snapshot this run wrote
+
+    @classmethod
+    def from_config(cls, cfg: TrainingConfig, out_dir: str, *, hooks: TrainerHooks | None = None,
+                    extra_eval_points=(), point_metrics: dict | None = None, progress: bool = True,
+                    resume: bool = False, resume_from: str | None = None, init_from: str | None = None,
+                    own_checkpoints: bool = True, snapshot_dir: str | None = None) -> Trainer:
+        """Build every part from `cfg`, start from `init_from`'s weights or resume (`resume_from`, or with
+        `resume` the latest checkpoint in out_dir), and write out_dir/config.yaml. extra_eval_points: image
+        counts evaluated besides eval_every_images and the end (ASHA rungs)."""
+        t = cfg.train
+        torch.set_num_threads(t.num_threads or available_cpus())
+        device = resolve_device(t.device)
+        # the global seed before anything draws from it (the model's initialisation): one seed, one run
+        torch.manual_seed(t.seed)
+        images, dataset_key = load_dataset(cfg.data, cfg.model.image_size, cfg.model.in_channels)
+        data = ImageStream(images, dataset_key, seed=t.seed, random_flip=cfg.data.random_flip, device=device,
+                           channels_last=t.channels_last)
+        bf16 = accel.use_bf16(t.bf16, device)
+        model = model_from_config(cfg).to(device)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        ema = make_ema(t, model)
+        opt = accel.make_optimizer(model.parameters(), t.lr, t.weight_decay, device)
+        diffusion = diffusion_from_config(cfg.diffusion)
+
+        def evaluator() -> Evaluator:
+            from .evaluation import Evaluator
+
+            return Evaluator(cfg, images, dataset_key, device=device, progress=progress)
+
+        trainer = cls(model, diffusion, data, ema, opt, evaluator, plan.Schedule.from_config(cfg, extra_eval_points),
+                      hooks, cfg=cfg, out_dir=out_dir, device=device, bf16=bf16, point_metrics=point_metrics,
+                      progress=progress, own_checkpoints=own_checkpoints, snapshot_dir=snapshot_dir)
         if init_from:
-            self.init_weights(init_from)
-        path = resume_from or (ckpt.latest_checkpoint(self.ckpt_dir) if resume else None)
+            trainer.init_weights(init_from)
+        path = resume_from or (ckpt.latest_checkpoint(trainer.ckpt_dir) if resume else None)
         if path:
-            self.load_checkpoint(path)
+            trainer.load_checkpoint(path)
         elif resume:
-            raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            raise UserError(f"--resume: no checkpoint in {trainer.ckpt_dir}")
+        elif isinstance(trainer.ema, PowerEMAModel):  # a fresh run starts its own snapshot series
+            phema.remove_snapshots_after(trainer.snapshot_dir, 0)
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, "config.yaml"), cfg.to_yaml())
+        return trainer
+
+    @property
+    def images(self) -> np.ndarray:
+        """The training images, uint8 [N, C, S, S]."""
+        return self.data.images
+
+    @property
+    def dataset_key(self) -> str:
+        return self.data.dataset_key
+
+    @property
+    def channels_last(self) -> bool:
+        return self.data.channels_last
 
     # -- state ---------------------------------------------------------------------------------------------
     def state(self) -> dict:
+        """Everything a resume needs, as a checkpoint dict (torch.load(weights_only=True)-safe): weights, EMA,
+        optimizer, counters, the RNG states (global, the trainer's generator, CUDA) and the data position. With a
+        power EMA `ema` holds its evaluated profile's weights and `power_ema` the tracker's state."""
         rng = {"torch": torch.get_rng_state(), "gen": self.gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"format": ckpt.FORMAT, "config_yaml": self.cfg.to_yaml(), "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "images_seen": self.images_seen,
-                "step": self.step, "rng": rng, "data_state": {"epoch": self.epoch, "pos": self.pos},
-                "dataset_key": self.dataset_key}
+        out = {"format": ckpt.FORMAT, "config_yaml": self.cfg.to_yaml(), "model": self.model.state_dict(),
+               "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(), "images_seen": self.images_seen,
+               "step": self.step, "rng": rng, "data_state": self.data.state_dict(),
+               "dataset_key": self.dataset_key}
+        if isinstance(self.ema, PowerEMAModel):
+            out["power_ema"] = self.ema.tracker_state()
+            # the snapshots a resume needs beside it (a run continued elsewhere fetches them; `load_checkpoint`
+            # names any that are missing)
+            have = {n for n, _ in phema.list_snapshots(self.snapshot_dir) if n <= self.images_seen}
+            out["snapshot_times"] = sorted(have | set(self.missing_snapshots))  # a gap stays named
+        return out
 
     def save_checkpoint(self) -> str:
         path = ckpt.checkpoint_path(self.ckpt_dir, self.images_seen)
@@ -130,14 +267,23 @@ class Trainer:
         obj = ckpt.load_file(path, map_location=self.device)
         if not ckpt.is_p2sweep_checkpoint(obj):
             raise UserError(f"{path}: not a p2sweep training checkpoint (use --init-from for bare weights)")
+        power = isinstance(self.ema, PowerEMAModel)
+        if power != ("power_ema" in obj):
+            saved, ours = ("power", "classic") if "power_ema" in obj else ("classic", "power")
+            raise UserError(f"{path}: the checkpoint has a {saved} EMA, train.ema.type is {ours}")
         self.model.load_state_dict(obj["model"])
-        self.ema.load_state_dict(obj["ema"])
+        if power:
+            try:
+                self.ema.load_tracker_state(obj["power_ema"])
+            except ValueError as e:
+                raise UserError(f"{path}: train.ema: {e}") from None
+        else:
+            self.ema.load_state_dict(obj["ema"])
         self.opt.load_state_dict(obj["optimizer"])
         for g in self.opt.param_groups:  # a checkpoint of an older version restores fused=None: keep ours
             g["fused"], g["foreach"] = self.opt.defaults["fused"], self.opt.defaults["foreach"]
         self.images_seen, self.step = int(obj["images_seen"]), int(obj["step"])
-        self.epoch, self.pos = int(obj["data_state"]["epoch"]), int(obj["data_state"]["pos"])
-        self._perm = None
+        self.data.load_state_dict(obj["data_state"])
         torch.set_rng_state(obj["rng"]["torch"].cpu())
         self.gen.set_state(obj["rng"]["gen"].cpu())
         if "cuda" in obj["rng"] and self.device.type == "cuda":
@@ -145,6 +291,25 @@ class Trainer:
         # Drop log lines written after this checkpoint, so a resumed log reads like an uninterrupted one.
         kept = [r for r in read_jsonl(self.metrics_path) if r.get("images_seen", 0) <= self.images_seen]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if power:  # and snapshots taken after it: the resumed run writes them again
+            phema.remove_snapshots_after(self.snapshot_dir, self.images_seen)
+            have = {n for n, _ in phema.list_snapshots(self.snapshot_dir)}
+            self.missing_snapshots = sorted(set(obj.get("snapshot_times", ())) - have)
+            if self.missing_snapshots:
+                import sys
+
+                gone = self.missing_snapshots
+                shown = ", ".join(map(str, gone[:5])) + (" ..." if len(gone) > 5 else "")
+                print(f"p2core: {path}: resumed without {len(gone)} of its EMA snapshots (at {shown} images; not "
+                      f"in {self.snapshot_dir}): EMAs reconstructed from here on use the others", file=sys.stderr)
+
+    def save_snapshot(self) -> str:
+        """Write the power EMA's snapshot at this image count to ema_snapshots/snap_<images>.pt (atomically; a
+        resumed run writes the same bytes again)."""
+        path = phema.save_snapshot(self.ema.snapshot(), self.snapshot_dir)
+        self._snapshot_at = self.images_seen
+        self._call("on_snapshot", path)
+        return path
 
     def init_weights(self, path: str) -> None:
         """Start from the weights (and EMA where present) of a p2sweep or official checkpoint: the model gets the
@@ -152,33 +317,6 @@ class Trainer:
         obj = ckpt.load_file(path)
         ckpt.load_checkpoint_weights(self.model, obj, path, prefer_ema=False)
         ckpt.load_checkpoint_weights(self.ema.model, obj, path, prefer_ema=True)
-
-    # -- data ----------------------------------------------------------------------------------------------
-    def _next_indices(self, n: int) -> torch.Tensor:
-        out = []
-        N = len(self.images)
-        while n > 0:
-            if self._perm is None:
-                g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.epoch)
-                self._perm = torch.randperm(N, generator=g)
-            take = min(n, N - self.pos)
-            out.append(self._perm[self.pos:self.pos + take])
-            self.pos += take
-            n -= take
-            if self.pos >= N:
-                self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
-        return torch.cat(out)
-
-    def next_batch(self, n: int) -> torch.Tensor:
-        idx = self._next_indices(n).numpy()
-        x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
-        x = to_float(x.to(self.device, non_blocking=True))
-        if self.cfg.data.random_flip:
-            flip = torch.rand(n, device=self.device, generator=self.gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _call(self, name, *args):
@@ -193,6 +331,8 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def train_step(self, x: torch.Tensor) -> dict:
+        """One optimizer and EMA step on the batch x (float [B, C, S, S]); returns the loss (a 0-d tensor, not
+        synced to the host), the per-sample loss terms ([B] each) and the timesteps t ([B])."""
         t = self.diffusion.sample_timesteps(x.shape[0], device=self.device, generator=self.gen)
         noise = torch.randn(x.shape, device=self.device, generator=self.gen)
         net = self.net
@@ -209,22 +349,16 @@ class Trainer:
         if tr.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
         self.opt.step()
-        self.ema.update(self.model, self.step)
+        self.ema.update(self.model, self.step, images_seen=self.images_seen + x.shape[0])
         return {"loss": loss.detach(), "terms": {k: v.detach() for k, v in terms.items()}, "t": t}
 
     def run(self) -> dict:
-        """Train to total_images; returns the last evaluation record (or {})."""
+        """Train to the schedule's total_images; returns the last evaluation record (or {})."""
         from tqdm.auto import tqdm
 
-        tr = self.cfg.train
-        bar = tqdm(total=tr.total_images, initial=self.images_seen, unit="img", desc="training",
+        total, batch = self.schedule.total_images, self.cfg.train.batch_size
+        bar = tqdm(total=total, initial=self.images_seen, unit="img", desc="training",
                    disable=not self.progress, dynamic_ncols=True, smoothing=0.1)
-        next_log = (self.images_seen // tr.log_every_images + 1) * tr.log_every_images if tr.log_every_images else math.inf
-        next_ckpt = ((self.images_seen // tr.checkpoint_every_images + 1) * tr.checkpoint_every_images
-                     if tr.checkpoint_every_images else math.inf)
-        next_sample = ((self.images_seen // tr.sample_every_images + 1) * tr.sample_every_images
-                       if tr.sample_every_images else math.inf)
-        pending_eval = [p for p in self.eval_points if p > self.images_seen]
         acc = self._new_acc()
         last_eval: dict = {}
         t_last = time.perf_counter()
@@ -238,9 +372,10 @@ class Trainer:
                     raise Diverged(pending[1], loss)
 
         try:
-            while self.images_seen < tr.total_images:
-                n = min(tr.batch_size, tr.total_images - self.images_seen)
-                out = self.train_step(self.next_batch(n))
+            while self.images_seen < total:
+                before = self.images_seen
+                n = min(batch, total - before)
+                out = self.train_step(self.data.next_batch(n, self.gen))
                 # the previous step's loss is read only now, after this step's work is queued: no host sync
                 # inside a step on CUDA; every log, grid, evaluation and checkpoint below sees checked losses
                 check_finite(unchecked)
@@ -250,35 +385,30 @@ class Trainer:
                 unchecked = (out["loss"], self.images_seen)
                 self._accumulate(acc, out)
                 bar.update(n)
-                if (self.images_seen >= min(next_log, next_sample, next_ckpt, tr.total_images)
-                        or (pending_eval and self.images_seen >= pending_eval[0])):
+                due = self.schedule.due(before, self.images_seen)
+                if due:  # an event reads this step's results: check its loss first
                     check_finite(unchecked)
                     unchecked = None
-                if self.images_seen >= next_log or self.images_seen >= tr.total_images:
+                if plan.LOG in due:
                     now = time.perf_counter()
                     rec = self._flush_acc(acc, imgs_since / max(now - t_last, 1e-9))
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.1f}")
                     self._log(rec)
                     self._call("on_log", rec)
                     acc, t_last, imgs_since = self._new_acc(), now, 0
-                    next_log += tr.log_every_images if tr.log_every_images else 0
-                if self.images_seen >= next_sample or self.images_seen >= tr.total_images:
+                if plan.SNAPSHOT in due:
+                    self.save_snapshot()
+                if plan.SAMPLE in due:
                     self.sample_grid()
-                    while next_sample <= self.images_seen:
-                        next_sample += tr.sample_every_images or math.inf
-                if pending_eval and self.images_seen >= pending_eval[0]:
+                if plan.EVALUATE in due:
                     # every point this step passed is answered by one evaluation (e.g. an ASHA rung 2 images
                     # before the end and the end itself, inside one batch): the full end evaluation runs once
-                    answered = [p for p in pending_eval if p <= self.images_seen]
-                    pending_eval = [p for p in pending_eval if p > self.images_seen]
-                    final = self.images_seen >= tr.total_images
+                    final = self.images_seen >= total
                     if final:
                         self.plot_losses()  # before the last evaluation: a scheduler may end the run at its report
-                    last_eval = self.evaluate(final=final, points=answered)
-                if self.own_checkpoints and (self.images_seen >= next_ckpt or self.images_seen >= tr.total_images):
+                    last_eval = self.evaluate(final=final, points=self.schedule.evals_in(before, self.images_seen))
+                if plan.CHECKPOINT in due and self.own_checkpoints:
                     self.save_checkpoint()
-                    while next_ckpt <= self.images_seen:
-                        next_ckpt += tr.checkpoint_every_images or math.inf
         finally:
             bar.close()
         self.plot_losses()
@@ -286,7 +416,7 @@ class Trainer:
 
     def _new_acc(self):
         # sums stay on the device between log points: one host sync per step (the divergence check), not four
-        z = torch.zeros(len(PHASES), device=self.device, dtype=torch.float64)
+        z = torch.zeros(len(SNR_PHASES), device=self.device, dtype=torch.float64)
         return {"sums": torch.zeros(3, device=self.device, dtype=torch.float64), "n": 0,
                 "psum": z.clone(), "pcnt": z.clone()}
 
@@ -307,7 +437,7 @@ class Trainer:
         if self.diffusion.learn_sigma:
             rec["vb"] = vb / n
         psum, pcnt = acc["psum"].cpu().tolist(), acc["pcnt"].cpu().tolist()
-        for (name, _, _), s, c in zip(PHASES, psum, pcnt):
+        for (name, _, _), s, c in zip(SNR_PHASES, psum, pcnt):
             if c > 0:
                 rec[f"loss_{name}"] = s / c
         return rec
@@ -322,19 +452,28 @@ class Trainer:
             rec = {"kind": "eval", "images_seen": self.images_seen, "points": list(points)}
             self._call("on_eval", rec)
             return rec
-        from .evaluation import Evaluator
-        from .metrics import check_metric_produced
+        from .metrics import check_metric_produced, metrics_at
 
         if self.evaluator is None:
-            self.evaluator = Evaluator(self.cfg, self.images, self.dataset_key, device=self.device,
-                                       progress=self.progress)
-        own = [m for p in points for m in self.point_metrics.get(p, [])]
-        tracked = final or not points or any(p not in self.point_metrics for p in points)
+            if self._make_evaluator is None:
+                raise ValueError("eval.enabled: this trainer was given no evaluator")
+            self.evaluator = self._make_evaluator()
+        own, tracked = metrics_at(points, self.point_metrics, final)
         specs = list(ev.sampling_steps) if tracked else []
         if tracked and self.cfg.metric and not (final and ev.full_at_end):
             specs = [check_metric_produced(self.cfg.metric, self.cfg)]
         t0 = time.perf_counter()
         results = self.evaluator.evaluate_model(self.ema.model, specs, seed=ev.seed, extra_metrics=own)
+        if ev.ema_sigma_rels:  # the same metrics, noise and seed for each reconstructed EMA (paired)
+            from .metrics import with_ema
+
+            t1 = time.perf_counter()
+            if self._snapshot_at != self.images_seen:
+                self.save_snapshot()  # so that what is scored here can be rebuilt from the files (best --export)
+            for s, model in self.ema.reconstructed(ev.ema_sigma_rels, self.snapshot_dir):
+                more = self.evaluator.evaluate_model(model, specs, seed=ev.seed, extra_metrics=own)
+                results.update({with_ema(k, s): v for k, v in more.items() if k != "ref_samples"})
+            results["ema_eval_seconds"] = time.perf_counter() - t1
         rec = {"kind": "eval", "images_seen": self.images_seen, **results,
                "eval_seconds": time.perf_counter() - t0, "final": final, "points": list(points)}
         self._log(rec)
@@ -363,7 +502,7 @@ class Trainer:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         x = [r["images_seen"] for r in recs]
         ax.plot(x, [r["loss"] for r in recs], label="loss", color="black")
-        for name, _, _ in PHASES:
+        for name, _, _ in SNR_PHASES:
             pts = [(r["images_seen"], r[f"loss_{name}"]) for r in recs if f"loss_{name}" in r]
             if pts:
                 ax.plot(*zip(*pts), label=f"loss ({name})", alpha=0.7)

@@ -5,11 +5,33 @@ Min-SNR (Hang et al. 2023), epsilon-prediction form: w = min(SNR, gamma) / SNR.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 WEIGHTINGS = ("p2", "min_snr")
+
+
+class SNRPhase(NamedTuple):
+    """One of the paper's stages of training, the timesteps with low <= SNR(t) < high."""
+    name: str
+    low: float
+    high: float
+
+
+# The paper's three stages (Choi et al. 2022, Sec. 3): coarse features at SNR < 1e-2, perceptually rich content
+# between 1e-2 and 1, clean-up of imperceptible detail above 1. The one definition: the trainer's per-phase losses,
+# the weighting plot's dashed lines and the sweep report all read it.
+SNR_PHASES = (SNRPhase("coarse", 0.0, 1e-2), SNRPhase("content", 1e-2, 1.0), SNRPhase("cleanup", 1.0, math.inf))
+SNR_PHASE_NAMES = tuple(p.name for p in SNR_PHASES)
+SNR_PHASE_BOUNDARIES = tuple(p.low for p in SNR_PHASES[1:])  # (1e-2, 1.0): the inner edges, increasing
+
+
+def snr_phase(snr: np.ndarray) -> np.ndarray:
+    """Index into SNR_PHASES of each SNR: int64 array of snr's shape (low edge inclusive, as np.digitize)."""
+    return np.digitize(np.asarray(snr, dtype=np.float64), SNR_PHASE_BOUNDARIES)
 
 
 @dataclass(frozen=True)
@@ -73,8 +95,7 @@ def plot_weighting(path: str, curves: list[tuple[str, np.ndarray, np.ndarray]], 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for label, snr, w in curves:
         ax.plot(snr, w, label=label)
-    # The paper's three stages of training (coarse, content, clean-up).
-    for x in (1e-2, 1.0):
+    for x in SNR_PHASE_BOUNDARIES:  # the paper's three stages of training
         ax.axvline(x, color="grey", lw=0.7, ls="--")
     ax.set_xscale("log")
     ax.set_yscale("log")

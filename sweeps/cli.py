@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", default=None, help="stop the sweep after e.g. 90m, 2h (resumable)")
     p.add_argument("--cpus", type=float, default=None, help="CPUs per trial")
     p.add_argument("--gpus", type=float, default=None, help="GPUs per trial (0.5 packs two trials per GPU)")
+    p.add_argument("--verbose", action="store_true", help="Ray Tune's own progress output instead of the sweep's table")
     p.add_argument("--dry-run", action="store_true")
 
     p = sub.add_parser("resume", help="continue a sweep whose driver stopped or died")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", default=None)
     p.add_argument("--retry-errored", action="store_true",
                    help="give trials that ended in ERROR another attempt (by default they stay errored)")
+    p.add_argument("--verbose", action="store_true", help="Ray Tune's own progress output instead of the sweep's table")
 
     for cmd, hlp in (("status", "table of a sweep's trials"), ("best", "the best configuration of a sweep")):
         p = sub.add_parser(cmd, help=hlp)
@@ -96,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default <storage>/<name>/report)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the sweep's MLflow run")
 
+    p = sub.add_parser("reroot", help="point a moved or copied storage's MLflow database and p2sweep.json at where "
+                                      "it is now (resume does it too; report and ui never write)")
+    p.add_argument("name")
+    p.add_argument("--storage", default=None)
+
     p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1 for a storage's tracking store")
     p.add_argument("name", nargs="?", default=None)
     p.add_argument("--storage", default=None)
@@ -110,9 +117,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd in MODEL_COMMANDS:
-            from . import model_commands as commands
+            from .commands import model as commands
         else:
-            from . import sweep_commands as commands
+            from .commands import sweep as commands
         return getattr(commands, f"cmd_{args.cmd}")(args)
     except UserError as e:
         print(f"p2sweep: error: {e}", file=sys.stderr)

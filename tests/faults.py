@@ -70,7 +70,7 @@ def with_worker_faults(init):
 
 def install_driver_faults() -> None:
     f = faults()
-    from sweeps import ray_env
+    from sweeps.tune import ray_env
 
     real_init = ray_env.init_ray
 
@@ -83,14 +83,18 @@ def install_driver_faults() -> None:
 
     ray_env.init_ray = init_ray
     if f.get("kill_after_tell"):
-        from sweeps import schedulers
+        from sweeps.tune import schedulers
 
         real_tell = schedulers.GroupSearcher.tell
 
         def tell(self, group):
             real_tell(self, group)
             if self.verdict(group)[0] == "complete":
-                os.killpg(os.getpgid(0), signal.SIGKILL)
+                from procs import kill_session
+
+                if os.getsid(0) != os.getpid():  # else the kill would reach the shell or pytest that started it
+                    raise RuntimeError("kill_after_tell needs a driver that leads its own session (session=True)")
+                kill_session(os.getsid(0), signal.SIGKILL)
 
         schedulers.GroupSearcher.tell = tell
 

@@ -89,7 +89,7 @@ def test_fused_adamw_follows_the_adamw_update():
 @pytest.mark.parametrize("bf16,cl", [(False, False), (True, True)])
 def test_trainer_runs_each_setting_and_saves_plain_official_names(tmp_path, bf16, cl):
     cfg = tiny_cfg(train={"bf16": bf16, "channels_last": cl, "total_images": 32})
-    tr = Trainer(cfg, str(tmp_path), progress=False)
+    tr = Trainer.from_config(cfg, str(tmp_path), progress=False)
     assert (tr.bf16, tr.channels_last) == (bf16, cl)
     tr.run()
     assert torch.isfinite(torch.tensor([r["loss"] for r in map(json.loads, open(tr.metrics_path)) if "loss" in r])).all()

@@ -1,20 +1,13 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from p2core.config import load_config, config_from_dict, parse_set
 from p2core.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = [sys.executable, "-m", "sweeps.cli"]
-
-
-def run_cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=120)
+from helpers import ROOT, run_cli
 
 
 @pytest.mark.parametrize("preset", ["configs/ffhq256_p2.yaml", "configs/fmnist_cpu.yaml"])
@@ -64,10 +57,9 @@ def test_bad_config_names_the_key(data, key):
 
 
 def test_cli_help_is_fast():
-    t0 = time.perf_counter()
     r = run_cli("--help")
     assert r.returncode == 0 and "train" in r.stdout
-    assert time.perf_counter() - t0 < 5  # no torch/ray/mlflow at import (about 0.3 s here)
+    # fast because nothing heavy is imported to build the parser (a behaviour, not a wall time)
     r = subprocess.run([sys.executable, "-c", "import sys, sweeps.cli; sweeps.cli.build_parser(); "
                         "print(sorted(m for m in ('torch','ray','mlflow') if m in sys.modules))"],
                        capture_output=True, text=True, cwd=ROOT)
@@ -89,13 +81,11 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, content, args, needle)
     if content is not None:
         path.write_text(content)
     out = tmp_path / "out"
-    t0 = time.perf_counter()
     r = run_cli("train", str(path), "--out", str(out), *args)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
     assert not out.exists()  # nothing written
-    assert time.perf_counter() - t0 < 10
 
 
 def test_cli_dry_run_prints_resolved_config(tmp_path):

@@ -1,13 +1,13 @@
-"""The numbers of `p2sweep report` (sweeps/analysis.py) against closed forms and hand-computed cases, and the pages
-written from a synthetic sweep directory (no Ray)."""
+"""The numbers of `p2sweep report` (sweeps/results/analysis.py) against closed forms and hand-computed cases, and
+the pages written from a synthetic sweep directory (no Ray)."""
 import json
 import math
 import os
 
 import pytest
 
-from sweeps import analysis as A
-from sweeps.results import Trial
+from sweeps.results import analysis as A
+from sweeps.results.trials import Trial
 
 # Student t quantiles from the tables (not computed by the code under test)
 T975 = {1: 12.706204736174707, 2: 4.302652729749464, 4: 2.7764451051977987}
@@ -134,7 +134,8 @@ def written(tmp_path):
 
     from PIL import Image
 
-    from sweeps import report_page
+    from sweeps.results import report_data
+    from sweeps.results import report_page
 
     trials = []
     for g, gamma in ((0, 0.0), (1, 1.0)):
@@ -155,9 +156,10 @@ def written(tmp_path):
                                 images_seen=200, points=points, history=[(p, points[p][M]) for p in points],
                                 config={A.GAMMA: gamma, "p2sweep_group": g, "train.seed": seed}))
     meta = SimpleNamespace(name="syn", metric=M, max_images=200, seeds=[0, 1, 2], dir=str(tmp_path / "sweep"),
-                           base={"diffusion": {"p2_k": 1.0, "noise_schedule": "linear", "diffusion_steps": 100}},
+                           base={"diffusion": {"p2_k": 1.0, "noise_schedule": "linear", "diffusion_steps": 100},
+                                 "eval": {"sampling_steps": ["ddim10"], "extractor": "random"}},
                            raw={"space": {A.GAMMA: {"grid": [0.0, 1.0]}}, "search": {"algorithm": "grid"}})
-    data = report_page.collect(meta, trials, provenance={"git_commit": "abc"}, baselines={}, importance=None,
+    data = report_data.collect(meta, trials, provenance={"git_commit": "abc"}, baselines={}, importance=None,
                                expected_trials=6)
     return data, report_page.write_report(str(tmp_path / "report"), data, trials)
 
@@ -179,7 +181,7 @@ def test_report_pages_hold_the_comparison_and_every_figure(written):
 
 def test_report_replaces_only_a_report_folder(written, tmp_path):
     from p2core.errors import UserError
-    from sweeps import report_page
+    from sweeps.results import report_page
 
     data, paths = written
     again = report_page.write_report(paths["dir"], data, [])  # an older report is replaced
@@ -228,7 +230,7 @@ def test_parameter_importance_from_optuna_and_its_minimum(tmp_path):
     one does not count), shown above it with the parameter that decides the value first."""
     import optuna
 
-    from sweeps.schedulers import param_importance
+    from sweeps.tune.schedulers import param_importance
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="minimize",
@@ -251,3 +253,37 @@ def test_parameter_importance_from_optuna_and_its_minimum(tmp_path):
     assert imp["complete"] == 50 and list(imp["values"])[0] == "gamma", imp
     assert "PED-ANOVA" in imp["evaluator"]
     assert param_importance(f"sqlite:///{tmp_path / 'o.db'}", "nosuch", 8)["note"].startswith("parameter importance: no")
+
+
+def test_each_arm_at_its_own_best_ema_against_one_common_ema():
+    """Post-hoc EMAs: P2 beats the baseline at the tracked EMA (every seed 0.04 lower), but with each at its own
+    best EMA (P2 at 0.15, the baseline at 0.05) the paired differences are -0.01, -0.01, +0.02: not distinguishable,
+    so the verdict changes; the report says so in a table and a sentence."""
+    from types import SimpleNamespace
+
+    from sweeps.results import report_data
+    from sweeps.results.report_render import render_md, sections
+
+    m = "kid1000_ddim25"
+    vals = {0: {m: [0.30, 0.31, 0.32], f"{m}_ema0.05": [0.25, 0.27, 0.23], f"{m}_ema0.15": [0.35, 0.36, 0.37]},
+            1: {m: [0.26, 0.27, 0.28], f"{m}_ema0.05": [0.27, 0.28, 0.29], f"{m}_ema0.15": [0.24, 0.26, 0.25]}}
+    trials = [_trial(f"t{g}{s}", g, s, {100: {n: v[s] for n, v in vals[g].items()}}, ARMS[g])
+              for g in (0, 1) for s in range(3)]
+    names = sorted(vals[0])
+    mean_of = lambda g, n: sum(vals[g][n]) / 3
+    (x,) = A.own_best_ema(trials[3:], trials[:3], names, mean_of, 1, 0, 3)
+    assert (x["arm_metric"], x["baseline_metric"]) == (f"{m}_ema0.15", f"{m}_ema0.05")
+    assert x["common"]["diff"] == pytest.approx(-0.04) and x["common_verdict"] == "better"
+    assert x["own_best"]["arm_values"] == [0.24, 0.26, 0.25] and x["own_best"]["baseline_values"] == [0.25, 0.27, 0.23]
+    assert x["own_best_verdict"] == "not distinguishable" and x["verdict_changes"]
+    nan_seed = A.compare(trials[3:], [_trial("n0", 0, 0, {100: {m: float("nan")}}, ARMS[0]), *trials[1:3]], m, 1, 0)
+    assert A.verdict(A.headline(nan_seed)) == "no verdict"  # a NaN seed withholds it, as the sentence does
+    # through the report's data and pages
+    meta = SimpleNamespace(name="syn", metric=m, max_images=100, seeds=[0, 1, 2], dir="", base={}, raw={})
+    data = report_data.collect(meta, trials, provenance={}, baselines={}, importance=None, expected_trials=6)
+    (y,) = data["ema_answer"]
+    assert (y["arm_metric"], y["baseline_metric"], y["verdict_changes"]) == (x["arm_metric"], x["baseline_metric"], True)
+    assert "each at its own best EMA: EMA sigma_rel 0.15 against the baseline's EMA sigma_rel 0.05" in y["sentence"]
+    md = render_md(sections(data, {}, {}), {})
+    assert "At one common EMA and at each arm's own best EMA" in md and y["sentence"] in md
+    assert "| 0.15 / 0.05 | better | not distinguishable | yes |" in md

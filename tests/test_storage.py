@@ -1,14 +1,14 @@
-"""sweeps/storage.py on local paths (the same code serves s3://, tested against a real S3 API in
+"""sweeps/storage/fs.py on local paths (the same code serves s3://, tested against a real S3 API in
 tests/cluster/test_s3_storage.py), moved-storage re-rooting, and the credential checks of sweep files."""
 import os
 
 import pytest
 
 from p2core.errors import UserError
-from sweeps import storage as S
-from sweeps.meta import _follow_move
-from sweeps.results import _runs_of
-from sweeps.spec import has_credentials
+from sweeps.storage import fs as S
+from sweeps.record.meta import _follow_move
+from sweeps.results.trials import _runs_of
+from sweeps.record.spec import has_credentials
 
 
 def test_read_write_list_and_fetch_on_a_path(tmp_path):
@@ -76,3 +76,14 @@ def test_credentials_in_urls_are_found_and_where_a_trial_ran_keeps_its_order():
     assert not has_credentials("postgresql://db/x") and not has_credentials("sqlite:////a/b.db")
     assert not has_credentials(3) and not has_credentials("plain")
     assert _runs_of(["a", "a", "b", "a"]) == ["a", "b", "a"]
+
+
+def test_the_storage_layout_builds_and_reads_sqlite_uris_in_one_place(tmp_path):
+    from sweeps.storage import layout as L
+
+    root = str(tmp_path / "st")
+    assert L.mlflow_db_uri(root) == f"sqlite:///{root}/mlflow.db" and L.optuna_db_uri(root).endswith("/optuna.db")
+    assert L.sqlite_file(L.mlflow_db_uri(root)) == f"{root}/mlflow.db"
+    assert L.sqlite_file("http://127.0.0.1:5000") == "" and L.artifact_root("http://127.0.0.1:5000") is None
+    assert L.artifact_root(L.mlflow_db_uri(root)) == f"{root}/mlartifacts"
+    assert L.in_storage(L.mlflow_db_uri(root), root) and not L.in_storage(L.mlflow_db_uri(root + "2"), root)

@@ -3,101 +3,12 @@ from the test side (tests/faults.py), never by production code."""
 import glob
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
-from test_config_cli import ROOT
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), RAY_USAGE_STATS_ENABLED="0",
-           MLFLOW_DISABLE_TELEMETRY="true", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", TQDM_DISABLE="1")
-M = "rkid32_ddim5"
-
-
-def sweep_file(tmp, name, **changes):
-    with open(os.path.join(ROOT, "search_spaces", "smoke.yaml")) as f:
-        d = yaml.safe_load(f)
-    d["name"] = name
-    for k, v in changes.items():
-        d[k] = v
-    p = os.path.join(tmp, f"{name}.yaml")
-    with open(p, "w") as f:
-        yaml.safe_dump(d, f)
-    return p
-
-
-def cli(*args, timeout=400, faults=None, env=None, session=False):
-    """The p2sweep CLI in a subprocess, through tests/faults.py when faults are given."""
-    e = dict(ENV, **(env or {}))
-    if faults is not None:
-        e["P2SWEEP_FAULTS"] = json.dumps(faults)
-        cmd = [sys.executable, os.path.join(HERE, "faults.py"), *args]
-    else:
-        cmd = [sys.executable, "-m", "sweeps.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=e, timeout=timeout,
-                          start_new_session=session)
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One local Ray for the in-process sweeps of this module (each `p2sweep` subprocess would pay Python imports,
-    a Ray start and a stop: most of a smoke sweep's time). Started through p2sweep's own local start-up, with the
-    test-side fault hook in every worker; faults come from a file each test rewrites."""
-    import ray
-
-    import faults
-    from sweeps import ray_env
-
-    ffile = str(tmp_path_factory.mktemp("faults") / "faults.json")
-    with open(ffile, "w") as f:
-        f.write("{}")
-    saved = {k: os.environ.get(k) for k in ("P2SWEEP_FAULTS_FILE", "PYTHONPATH")}
-    os.environ.update(P2SWEEP_FAULTS_FILE=ffile, PYTHONPATH=ENV["PYTHONPATH"])
-    real = ray.init
-    ray.init = faults.with_worker_faults(real)
-    try:
-        ray_env.init_ray(None)
-    finally:
-        ray.init = real
-    yield ffile
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def sweep(ray_session, *args, faults=None):
-    """`p2sweep ARGS` in this process, on the module's Ray session; returns the exit status."""
-    from sweeps.cli import main
-
-    with open(ray_session, "w") as f:
-        json.dump(faults or {}, f)
-    try:
-        return main(list(args))
-    finally:
-        with open(ray_session, "w") as f:
-            f.write("{}")
-
-
-def mlflow_runs(storage, name):
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(f"sqlite:///{storage}/mlflow.db")
-    exp = c.get_experiment_by_name(name)
-    return c, c.search_runs([exp.experiment_id], max_results=1000)
-
-
-def trials_of(storage, name):
-    from sweeps.results import load_trials
-
-    return load_trials(os.path.join(storage, name), M)
-
+from helpers import M, ROOT, cli, mlflow_runs, sweep, sweep_file, trials_of
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory, ray_session):
@@ -114,7 +25,7 @@ def faulty(tmp_path_factory, ray_session):
     base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
     bcfg = config_from_dict({**base, "train": {**base["train"], "total_images": 64},
                              "eval": {**base["eval"], "enabled": False}})
-    Trainer(bcfg, os.path.join(tmp, "pre"), progress=False).run()
+    Trainer.from_config(bcfg, os.path.join(tmp, "pre"), progress=False).run()
     ck = os.path.join(tmp, "pre", "checkpoints", "ckpt_000000000064.pt")
     torch.save(torch.load(ck, weights_only=True)["ema"], os.path.join(tmp, "ema_0.9999_000064.pt"))
     base["train"]["total_images"] = 256  # rungs at 128 and 256 (reduction factor 2)
@@ -150,7 +61,7 @@ def test_sweep_runs_replicates_with_retry_divergence_and_group_asha(faulty):
     bad = [t[(0.3, 0)], t[(0.3, 1)]]
     assert any(x.state == "STOPPED" and x.images_seen == 128 for x in bad)
     assert t[(2e-3, 1)].state == "DIVERGED" and t[(2e-3, 1)].latest == float("inf")
-    from sweeps.results import group_rows
+    from sweeps.results.trials import group_rows
 
     rows = group_rows(list(t.values()), M, 256, 2)
     assert all(r.group == t[(1e-3, 0)].group for r in rows if r.complete) and rows[0].complete
@@ -209,9 +120,11 @@ def test_mlflow_one_run_per_replicate_with_states(faulty):
     assert exp.artifact_location.startswith(os.path.join(faulty["storage"], "mlartifacts"))
     # the comparison view `p2sweep ui` opens (and a tracking server's own UI lists): the trials flat by the metric
     view = json.loads(json.loads(exp.tags["mlflow.sharedViewState.p2sweep"])["state"])
-    assert view["orderByKey"] == f"metrics.`{M}`" and view["searchFilter"] == "tags.`p2sweep.role` = 'trial'"
-    assert view["selectedColumns"][:4] == ["params.`train.lr`", "params.`train.seed`", f"metrics.`{M}`",
-                                           "metrics.`rkid32_ddim10`"]
+    # (by each configuration's place in the ranking `best` prints, not by each run's own value)
+    assert view["orderByKey"] == "metrics.`p2sweep_rank`" and view["searchFilter"] == "tags.`p2sweep.role` = 'trial'"
+    assert view["selectedColumns"][:5] == ["params.`train.lr`", "params.`train.seed`", "metrics.`p2sweep_rank`",
+                                           f"metrics.`{M}`", "metrics.`rkid32_ddim10`"]
+    assert good.data.metrics["p2sweep_rank"] == 1.0  # best ranks lr 1e-3 first (test_status_best_export_...)
 
 
 def test_status_best_export_checkpoint_and_compare(faulty, tmp_path):
@@ -284,12 +197,13 @@ def test_report_equals_best_and_is_one_self_contained_page(faulty, tmp_path):
 
 def test_a_moved_storage_keeps_working(faulty, ray_session, tmp_path):
     """The storage folder copied elsewhere (the original left as it was): status, best and report read the copy,
-    the checkpoints they name are the copy's, MLflow's artifact locations follow it, and resume restores from it."""
+    the checkpoints they name are the copy's; `reroot` points MLflow's artifact locations at it (report never does:
+    test_tracking_trust), and resume restores from it."""
     import shutil
 
     from mlflow.tracking import MlflowClient
 
-    from sweeps.meta import load_meta
+    from sweeps.record.meta import load_meta
 
     st = str(tmp_path / "moved")
     shutil.copytree(faulty["storage"], st)
@@ -299,6 +213,8 @@ def test_a_moved_storage_keeps_working(faulty, ray_session, tmp_path):
     assert r.returncode == 0, r.stderr
     ck = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("checkpoint: "))
     assert ck.startswith(st) and os.path.isfile(ck)
+    r = cli("reroot", "faulty", "--storage", st)
+    assert r.returncode == 0 and f"re-rooted from {faulty['storage']} to {st}" in r.stdout, r.stderr
     r = cli("report", "faulty", "--storage", st)
     assert r.returncode == 0, r.stderr
     c = MlflowClient(f"sqlite:///{st}/mlflow.db")
@@ -330,6 +246,8 @@ def test_object_storage_needs_a_tracking_server_and_never_takes_credentials(tmp_
     ({"space": {"diffusion.p2_k": {"grid": [-1.0]}}}, "space.diffusion.p2_k"),
     ({"metric": "fid10k_250"}, "metric"),
     ({"scheduler": {"type": "hyperband"}}, "scheduler.type"),
+    ({"scheduler": {"ema_rule": "mean"}}, "scheduler.ema_rule: unknown rule 'mean'"),
+    ({"scheduler": {"ema_rule": "best"}}, "scheduler.ema_rule: best needs eval.ema_sigma_rels"),
     ({"scheduler": {"type": "asha", "grace_period_images": 128, "rung_metrics": ["rkid8_ddim5", "rkid8_ddim5"]}},
      "2 metrics for 1 rung(s)"),
     ({"scheduler": {"type": "asha", "rung_metrics": ["kid8_ddim5"]}}, "scheduler.rung_metrics: kid8_ddim5 needs eval.extractor"),
@@ -357,3 +275,62 @@ def test_dry_run_prints_trials_rungs_and_work(tmp_path):
     assert not os.path.exists(tmp_path / "smoke")
     r = cli("run", os.path.join(ROOT, "search_spaces", "smoke.yaml"), "--dry-run", "--gpus", "2")
     assert r.returncode == 2 and "resources.gpu" in r.stderr
+
+
+def test_post_hoc_emas_are_rows_like_sampling_steps_and_export_loads_strictly(tmp_path, ray_session, capsys):
+    """A power-EMA sweep with eval.ema_sigma_rels, through Ray: every evaluation scores the reconstructed EMAs,
+    `best` and `compare` have a row / column per (steps, EMA), MLflow has their metrics, and `best --export` of an
+    EMA row writes its sigma_rel and the reconstructed weights as a bare state_dict that the UNet (official key
+    names) loads strictly, equal to a reconstruction from the trial's own snapshot files."""
+    import torch
+
+    from p2core import phema
+    from p2core.unet import model_from_config
+    from sweeps.record.replicate import trial_config
+    from sweeps.results import trials as R
+
+    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    base["train"].update(total_images=128, eval_every_images=64,
+                         ema={"type": "power", "sigma_rels": [0.05, 0.10], "snapshot_every_images": 32})
+    base["eval"]["ema_sigma_rels"] = [0.07, 0.15]
+    p = sweep_file(str(tmp_path), "posthoc", base=base, space={"diffusion.p2_gamma": {"grid": [1.0]}},
+                   scheduler={"type": "none"})
+    storage = str(tmp_path / "store")
+    assert sweep(ray_session, "run", p, "--storage", storage) == 0
+    (t,) = trials_of(storage, "posthoc")
+    assert t.state == "TERMINATED" and sorted(t.points) == [64, 128]
+    assert {f"{M}_ema0.07", f"{M}_ema0.15", "rkid32_ddim10_ema0.07"} <= set(t.points[128])
+    snaps = phema.list_snapshots(os.path.join(t.dir, "p2", "ema_snapshots"))  # uploaded once each, when taken
+    assert [n for n, _ in snaps] == [32, 64, 96, 128]
+    rows = R.group_rows([t], M, 128, 1)
+    assert sorted((r.spec, r.ema_label) for r in rows) == sorted(
+        (s, e) for s in ("ddim5", "ddim10") for e in ("tracked", "0.07", "0.15"))
+    capsys.readouterr()
+    assert sweep(ray_session, "best", "posthoc", "--storage", storage) == 0
+    out = capsys.readouterr().out
+    header = next(x for x in out.splitlines() if x.startswith("| config"))
+    assert "| ema " in header and "optimistic" in out and "tracked" in out
+    notes = [x for x in out.splitlines() if x.startswith("note: ") and "--export" in x]  # where the row's EMA is
+    assert len(notes) == (rows[0].ema is not None), out
+    assert sweep(ray_session, "compare", "posthoc", "--storage", storage) == 0
+    assert f"{M}_ema0.07" in capsys.readouterr().out
+    assert sweep(ray_session, "report", "posthoc", "--storage", storage, "--no-mlflow") == 0
+    md = open(os.path.join(storage, "posthoc", "report", "report.md")).read()
+    assert f"### {M}_ema0.07" in md and "Results per sampling spec and EMA" in md
+    c, runs = mlflow_runs(storage, "posthoc")
+    kid = next(x for x in runs if x.data.tags.get("p2sweep.role") == "trial")
+    assert f"{M}_ema0.15" in kid.data.metrics
+    # the export of an EMA row: its yaml names the sigma_rel, its weights load strictly
+    row = next(r for r in rows if r.ema == 0.07 and r.spec == "ddim5")
+    from sweeps.record.meta import load_meta
+
+    meta = load_meta("posthoc", storage)
+    text = R.best_export_yaml(meta, row, [t])
+    assert "sigma_rel 0.07" in text and yaml.safe_load(text)["eval"]["ema_sigma_rels"] == [0.07]
+    w = R.export_ema_weights(row, [t], R.ema_weights_path(str(tmp_path / "best.yaml"), row))
+    assert w.endswith("best_ema0.07_000000000128.pt")
+    sd = torch.load(w, weights_only=True)
+    model = model_from_config(trial_config(meta.base, t.config))
+    model.load_state_dict(sd, strict=True)
+    want = phema.reconstruct(phema.load_snapshots(os.path.join(t.dir, "p2", "ema_snapshots")), 0.07, 128)
+    assert all(torch.equal(sd[k], want[k].float()) for k in want)

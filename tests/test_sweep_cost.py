@@ -47,4 +47,4 @@ def test_counts_of_the_three_strategies():
 
 
 def test_steps_of_specs():
-    assert [sc.steps_of(s) for s in ("ddim25", "250", "10,15,20")] == [25, 250, 45]
+    assert [sc.steps_of(s) for s in ("ddim25", "250", "10,15,20", "10-15-20", "ddim25_ema0.07")] == [25, 250, 45, 45, 25]

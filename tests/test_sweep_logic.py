@@ -8,24 +8,15 @@ import types
 import pytest
 import yaml
 
-from test_config_cli import ROOT
+from helpers import ROOT, fake_trial, smoke_raw, write_trial
 
 
-def smoke_raw(**changes):
-    with open(os.path.join(ROOT, "search_spaces", "smoke.yaml")) as f:
-        d = yaml.safe_load(f)
-    d.update(changes)
-    return d
-
-
-def fake_trial(tid, config, status="RUNNING"):
-    return types.SimpleNamespace(trial_id=tid, config=config, status=status)
 
 
 # -- case 1: replicates run the same configuration; random search is reproducible ------------------------------
 
 def test_random_search_gives_every_seed_the_same_configuration_and_is_reproducible():
-    from sweeps.schedulers import GroupSearcher
+    from sweeps.tune.schedulers import GroupSearcher
 
     space = {"diffusion.p2_gamma": ("uniform", [0.0, 2.0]), "diffusion.p2_k": ("loguniform", [0.1, 10.0]),
              "diffusion.noise_schedule": ("grid", ["linear", "cosine"])}
@@ -52,7 +43,7 @@ def test_random_search_gives_every_seed_the_same_configuration_and_is_reproducib
 
 
 def _optuna_searcher(tmp_path, seeds, n=2):
-    from sweeps.schedulers import GroupSearcher
+    from sweeps.tune.schedulers import GroupSearcher
 
     space = {"diffusion.p2_gamma": ("uniform", [0.0, 2.0]), "train.lr": ("choice", [1e-3, 3e-3])}
     return GroupSearcher(space, "optuna", n, seeds, "m", optuna_url=f"sqlite:///{tmp_path}/o.db",
@@ -124,7 +115,7 @@ def test_optuna_restore_adopts_lost_trials_and_tells_idempotently(tmp_path):
 def test_group_asha_decides_on_the_mean_over_seeds():
     from ray.tune.schedulers import TrialScheduler as TS
 
-    from sweeps.schedulers import GroupASHA
+    from sweeps.tune.schedulers import GroupASHA
 
     s = GroupASHA("m", [100, 300], 3, seeds_per_group=2)
     t = {(g, k): fake_trial(f"{g}{k}", {"p2sweep_group": g}) for g in range(3) for k in range(2)}
@@ -145,7 +136,7 @@ def test_group_asha_decides_on_the_mean_over_seeds():
 
 
 def test_group_asha_counts_a_diverged_seed_as_worst_and_rebuilds_from_history():
-    from sweeps.schedulers import GroupASHA
+    from sweeps.tune.schedulers import GroupASHA
 
     s = GroupASHA("m", [100], 3, seeds_per_group=2)
     a, b = fake_trial("a", {"p2sweep_group": 0}), fake_trial("b", {"p2sweep_group": 0})
@@ -163,7 +154,7 @@ def test_group_asha_counts_a_diverged_seed_as_worst_and_rebuilds_from_history():
 
 @pytest.mark.parametrize("v", [float("nan"), float("inf"), float("-inf"), None])
 def test_nonfinite_metric_is_reported_as_worst(v):
-    from sweeps.report import TrialReport
+    from sweeps.record.trial_report import TrialReport
 
     r = TrialReport.make("rkid32_ddim5", v, 128, evals={"rfid32_ddim5": float("nan")}).to_result()
     assert r["rkid32_ddim5"] == math.inf and r["nonfinite_metric"] == 1 and r["ckpt_score"] == math.inf
@@ -175,8 +166,8 @@ def test_nonfinite_metric_is_reported_as_worst(v):
 # -- case 4: trials and results work from the validated config ---------------------------------------------------
 
 def test_base_without_eval_section_gives_working_trial_configs(tmp_path):
-    from sweeps.spec import parse_sweep
-    from sweeps.trainable import TrialInfo, trial_config
+    from sweeps.record.spec import parse_sweep
+    from sweeps.tune.trainable import TrialInfo, run_config
 
     raw = smoke_raw()
     raw["base"] = {k: v for k, v in raw["base"].items() if k != "eval"}
@@ -184,39 +175,27 @@ def test_base_without_eval_section_gives_working_trial_configs(tmp_path):
     raw["metric"] = "kid10k_250"  # the defaults' metric name (Inception, 10k samples, 250 steps)
     spec = parse_sweep(raw, ROOT)
     assert "eval" in spec.base and spec.base["eval"]["num_samples"] == 10000
-    cfg = trial_config(spec.base, {"diffusion.p2_gamma": 1.0, "p2sweep_group": 0, "train.seed": 3},
+    cfg = run_config(spec.base, {"diffusion.p2_gamma": 1.0, "p2sweep_group": 0, "train.seed": 3},
                        TrialInfo(metric=spec.metric, cpu=2, cache_dir=str(tmp_path)))
     assert cfg.eval.cache_dir == str(tmp_path) and cfg.train.seed == 3 and cfg.train.num_threads == 2
 
 
 # -- case 2: ranking with lost seeds, --scope best, export ---------------------------------------------------------
 
-def _write_trial(d, tid, group, seed, reports, state):
-    tdir = os.path.join(d, f"trial_{tid}")
-    os.makedirs(tdir)
-    cfg = {"train.lr": 0.001 * (group + 1), "p2sweep_group": group, "train.seed": seed}
-    with open(os.path.join(tdir, "result.json"), "w") as f:
-        for i, (imgs, vals) in enumerate(reports):
-            f.write(json.dumps({"trial_id": tid, "config": cfg, "images_seen": imgs, "final": int(imgs == 384),
-                                "timestamp": i, **vals}) + "\n")
-    return tid, {"state": state, "diverged": False, "images_seen": reports[-1][0], "config": cfg,
-                 "dir": f"trial_{tid}"}
-
-
 def _fake_sweep(tmp_path):
-    from sweeps.meta import STATES
+    from sweeps.record.meta import STATES
 
     d = str(tmp_path / "exp")
     m, o = "rkid32_ddim5", "rkid32_ddim10"
     states = dict([
         # group 0: both seeds complete, mean 0.5 at ddim5 and 0.6 at ddim10
-        _write_trial(d, "a0", 0, 0, [(128, {m: 0.6}), (384, {m: 0.5, o: 0.6})], "TERMINATED"),
-        _write_trial(d, "a1", 0, 1, [(128, {m: 0.6}), (384, {m: 0.5, o: 0.6})], "TERMINATED"),
+        write_trial(d, "a0", 0, 0, [(128, {m: 0.6}), (384, {m: 0.5, o: 0.6})], "TERMINATED"),
+        write_trial(d, "a1", 0, 1, [(128, {m: 0.6}), (384, {m: 0.5, o: 0.6})], "TERMINATED"),
         # group 1: seed 1 stopped at 128; its surviving seed has the best ddim10 value of all: must not win
-        _write_trial(d, "b0", 1, 0, [(128, {m: 0.5}), (384, {m: 0.1, o: 0.05})], "TERMINATED"),
-        _write_trial(d, "b1", 1, 1, [(128, {m: 0.9})], "STOPPED"),
+        write_trial(d, "b0", 1, 0, [(128, {m: 0.5}), (384, {m: 0.1, o: 0.05})], "TERMINATED"),
+        write_trial(d, "b1", 1, 1, [(128, {m: 0.9})], "STOPPED"),
         # group 2: its best point is 128 (0.3); --scope best must use 128 for every spec
-        _write_trial(d, "c0", 2, 0, [(128, {m: 0.3, o: 0.35}), (384, {m: 0.7, o: 0.2})], "TERMINATED"),
+        write_trial(d, "c0", 2, 0, [(128, {m: 0.3, o: 0.35}), (384, {m: 0.7, o: 0.2})], "TERMINATED"),
     ])
     os.makedirs(os.path.join(d, "trial_zz"))  # a trial directory Tune does not know (lost in a crash): ignored
     with open(os.path.join(d, "trial_zz", "result.json"), "w") as f:
@@ -227,7 +206,7 @@ def _fake_sweep(tmp_path):
 
 
 def test_rows_rank_on_seeds_at_the_same_point_and_lost_seeds_never_win(tmp_path):
-    from sweeps.results import group_rows, load_trials
+    from sweeps.results.trials import group_rows, load_trials
 
     d = _fake_sweep(tmp_path)
     trials = load_trials(d, "rkid32_ddim5")
@@ -251,9 +230,9 @@ def test_rows_rank_on_seeds_at_the_same_point_and_lost_seeds_never_win(tmp_path)
 
 def test_export_carries_the_trials_own_values_and_validates(tmp_path):
     from p2core.config import config_from_dict
-    from sweeps.meta import Paths, SweepMeta
-    from sweeps.results import best_export_yaml, group_rows, load_trials
-    from sweeps.spec import parse_sweep
+    from sweeps.record.meta import Paths, SweepMeta
+    from sweeps.results.trials import best_export_yaml, group_rows, load_trials
+    from sweeps.record.spec import parse_sweep
 
     spec = parse_sweep(smoke_raw(), os.path.join(ROOT, "search_spaces"))
     d = _fake_sweep(tmp_path)
@@ -290,17 +269,18 @@ class Flaky:
 
 
 def test_mlflow_failures_are_retried_then_queued_and_written_at_finish(tmp_path, monkeypatch):
-    from sweeps import tracking
+    from sweeps.tracking import callback as tcallback, client as tclient, repair as trepair, runs as truns
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    real = tracking.client(uri)
+    real = tclient.client(uri)
     flaky = Flaky(real, 0)
-    monkeypatch.setattr(tracking, "client", lambda u: flaky)
-    monkeypatch.setattr(tracking, "RETRY_DELAYS", (0.0, 0.0))
-    exp = tracking.ensure_experiment(real, "s")
+    for m in (tcallback, trepair):  # the clients the tracker and the repair at finish make
+        monkeypatch.setattr(m, "client", lambda u: flaky)
+    monkeypatch.setattr(tclient, "RETRY_DELAYS", (0.0, 0.0))
+    exp = truns.ensure_experiment(real, "s")
     parent = real.create_run(exp).info.run_id
     exp_dir = str(tmp_path / "exp")
-    tr = tracking.MLflowTracker(uri, "s", parent, {"train.lr": 0.001}, "rkid32_ddim5", 384, "s", exp_dir)
+    tr = tcallback.MLflowTracker(uri, "s", parent, {"train.lr": 0.001}, "rkid32_ddim5", 384, "s", exp_dir)
     trial = types.SimpleNamespace(trial_id="t1", config={"p2sweep_group": 0, "train.seed": 0}, path=str(tmp_path),
                                   last_result={"images_seen": 384, "final": 1})
     flaky.n = 2  # fails twice, the third try (second retry) succeeds
@@ -308,11 +288,11 @@ def test_mlflow_failures_are_retried_then_queued_and_written_at_finish(tmp_path,
     flaky.n = 100  # down for longer than the retries: nothing raises into Tune, the metrics are queued
     tr.on_trial_result(0, [], trial, {"rkid32_ddim5": 0.5, "images_seen": 128, "train_log": "[]"})
     tr.on_trial_complete(0, [], trial)
-    assert os.path.exists(os.path.join(exp_dir, tracking.PENDING))
+    assert os.path.exists(os.path.join(exp_dir, trepair.PENDING))
     flaky.n = 0
-    left = tracking.write_pending(uri, "s", parent, {"train.lr": 0.001}, "s", exp_dir, {"t1": str(tmp_path)})
-    assert left == 0 and not os.path.exists(os.path.join(exp_dir, tracking.PENDING))
-    tracking.reconcile(uri, "s", parent, {"t1": {"state": "TERMINATED", "images_seen": 384}}, 384)
+    left = trepair.write_pending(uri, "s", parent, {"train.lr": 0.001}, "s", exp_dir, {"t1": str(tmp_path)})
+    assert left == 0 and not os.path.exists(os.path.join(exp_dir, trepair.PENDING))
+    trepair.reconcile(uri, "s", parent, {"t1": {"state": "TERMINATED", "images_seen": 384}}, 384)
     runs = [r for r in real.search_runs([exp]) if r.data.tags.get("p2sweep.role") == "trial"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.value for m in real.get_metric_history(runs[0].info.run_id, "rkid32_ddim5")] == [0.5]
@@ -324,7 +304,7 @@ def test_optuna_study_of_another_sweep_is_refused(tmp_path):
     import optuna
 
     from p2core.errors import UserError
-    from sweeps.schedulers import open_study
+    from sweeps.tune.schedulers import open_study
 
     url = f"sqlite:///{tmp_path}/o.db"
     foreign = optuna.create_study(study_name="demo-abcdef12", storage=url)
@@ -333,7 +313,7 @@ def test_optuna_study_of_another_sweep_is_refused(tmp_path):
         open_study(url, "demo-abcdef12", "abcdef12mine", create=True)
     mine = open_study(url, "demo-12345678", "12345678x", create=True)
     assert mine.user_attrs["p2sweep.sweep_id"] == "12345678x" and not mine.get_trials()
-    from sweeps.meta import Paths, SweepMeta
+    from sweeps.record.meta import Paths, SweepMeta
 
     m = SweepMeta("demo", SweepMeta.new_id(), "m", 1, {}, "", {}, Paths("", "", "", ""), "", "demo")
     assert m.study_name != "demo" and m.study_name.startswith("demo-")  # never the bare sweep name
@@ -342,7 +322,7 @@ def test_optuna_study_of_another_sweep_is_refused(tmp_path):
 def test_local_ray_never_joins_a_running_cluster(monkeypatch):
     import ray
 
-    from sweeps import ray_env
+    from sweeps.tune import ray_env
 
     calls = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -355,8 +335,8 @@ def test_local_ray_never_joins_a_running_cluster(monkeypatch):
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/b", ".", "..", "", "sp ace"])
 def test_bad_names_are_refused_by_run_and_resume(name, tmp_path):
     from p2core.errors import UserError
-    from sweeps.meta import validate_name
-    from sweeps.sweep_commands import cmd_resume, cmd_run
+    from sweeps.record.meta import validate_name
+    from sweeps.commands.sweep import cmd_resume, cmd_run
 
     with pytest.raises(UserError, match="sweep name is letters"):
         validate_name(name)
@@ -374,7 +354,7 @@ def test_bad_names_are_refused_by_run_and_resume(name, tmp_path):
 def test_ui_turns_telemetry_off_before_mlflow_is_imported(tmp_path, monkeypatch):
     import subprocess
 
-    from sweeps.sweep_commands import cmd_ui
+    from sweeps.commands.sweep import cmd_ui
 
     (tmp_path / "mlflow.db").write_bytes(b"")
     monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
@@ -398,7 +378,7 @@ def test_example_cluster_uses_token_auth_and_no_usage_stats():
 
 def test_gpu_above_one_and_bad_cpus_are_refused_with_the_key():
     from p2core.errors import UserError
-    from sweeps.spec import parse_sweep
+    from sweeps.record.spec import parse_sweep
 
     with pytest.raises(UserError, match="resources.gpu"):
         parse_sweep(smoke_raw(resources={"cpu": 1, "gpu": 2}), os.path.join(ROOT, "search_spaces"))
@@ -412,7 +392,7 @@ def test_searcher_limits_concurrency_itself_and_prunes_with_the_stopping_rung(tm
     completion of an errored trial that `resume --retry-errored` runs again)."""
     import optuna
 
-    from sweeps.schedulers import GroupSearcher
+    from sweeps.tune.schedulers import GroupSearcher
 
     s = GroupSearcher({"diffusion.p2_gamma": ("uniform", [0.0, 2.0])}, "optuna", 2, [0, 1], "m",
                       optuna_url=f"sqlite:///{tmp_path}/o.db", study_name="s", sweep_id="i", max_concurrent=2)
@@ -427,7 +407,7 @@ def test_searcher_limits_concurrency_itself_and_prunes_with_the_stopping_rung(tm
 
 
 def test_group_asha_ends_a_seed_only_when_its_retries_are_used_up():
-    from sweeps.schedulers import GroupASHA
+    from sweeps.tune.schedulers import GroupASHA
 
     s = GroupASHA("m", [100], 3, seeds_per_group=2)
     a = fake_trial("a", {"p2sweep_group": 0})
@@ -444,8 +424,8 @@ def test_group_asha_ends_a_seed_only_when_its_retries_are_used_up():
 # -- issue 12: multi-fidelity rungs -------------------------------------------------------------------------------
 
 def test_low_rung_report_carries_its_own_metric_and_never_ranks_as_the_sweep_metric(tmp_path):
-    from sweeps.report import TrialReport
-    from sweeps.results import load_trials, rung_history
+    from sweeps.record.trial_report import TrialReport
+    from sweeps.results.trials import load_trials, rung_history
 
     low = TrialReport.make("fid10k_250", None, 100, evaluated=False, rung_metric="kid1k_ddim10", rung_value=0.07,
                            evals={"kid1k_ddim10": 0.07})
@@ -475,7 +455,7 @@ def test_group_asha_and_optuna_use_the_rung_score_at_low_rungs(tmp_path):
     import optuna
     from ray.tune.schedulers import TrialScheduler as TS
 
-    from sweeps.schedulers import GroupASHA, GroupSearcher
+    from sweeps.tune.schedulers import GroupASHA, GroupSearcher
 
     s = GroupASHA("m", [100], 3, seeds_per_group=1)
     a, b = fake_trial("a", {"p2sweep_group": 0}), fake_trial("b", {"p2sweep_group": 1})
@@ -496,7 +476,7 @@ def test_group_asha_and_optuna_use_the_rung_score_at_low_rungs(tmp_path):
 
 
 def test_rung_metrics_map_to_the_low_rungs_and_show_in_the_dry_run():
-    from sweeps.spec import describe, parse_sweep
+    from sweeps.record.spec import describe, parse_sweep
 
     raw = smoke_raw(scheduler={"type": "asha", "grace_period_images": 32, "reduction_factor": 2,
                                "rung_metrics": ["rkid8_ddim5", "rfid16_ddim10"]})
@@ -513,7 +493,7 @@ def test_scheduler_and_searcher_pickled_before_rung_scores_still_resume(tmp_path
     """tuner.pkl of a sweep started by an older p2sweep holds objects without `sweep_metric`."""
     import pickle
 
-    from sweeps.schedulers import GroupASHA, GroupSearcher
+    from sweeps.tune.schedulers import GroupASHA, GroupSearcher
 
     s = GroupASHA("m", [100], 3, seeds_per_group=1)
     state = s.__getstate__()
@@ -540,7 +520,7 @@ def test_scheduler_and_searcher_pickled_before_rung_scores_still_resume(tmp_path
 ])
 def test_rung_metrics_refuse_rungs_a_step_could_merge(change, needle):
     from p2core.errors import UserError
-    from sweeps.spec import parse_sweep
+    from sweeps.record.spec import parse_sweep
 
     raw = smoke_raw(scheduler={"type": "asha", "grace_period_images": 128, "rung_metrics": ["rkid8_ddim5"]})
     raw.update(change)
@@ -550,12 +530,73 @@ def test_rung_metrics_refuse_rungs_a_step_could_merge(change, needle):
         parse_sweep(raw, os.path.join(ROOT, "search_spaces"))
 
 
+def test_metric_name_helpers_by_hand():
+    """p2core.metrics is the one home of a name's family, its sampling-steps label, either spelling of a count and
+    which metric an evaluation point is judged on (results, report, `compare` and the trainer/trainable use them)."""
+    from p2core.metrics import (family_of, judged_on, metrics_at, same_family, same_metric, steps_from_label,
+                                steps_label)
+
+    assert steps_label("10,15,20") == "10-15-20" and steps_label("ddim25") == "ddim25" and steps_label(250) == "250"
+    assert steps_from_label("10-15-20") == "10,15,20" and steps_from_label("ddim25") == "ddim25"
+    assert same_family("kid1k_ddim10", "kid1k_250") and same_family("kid1000_250", "kid1k_ddim10")
+    assert not same_family("fid1k_250", "kid1k_250") and not same_family("kid512_250", "kid1k_250")
+    assert not same_family("rkid1k_250", "kid1k_250") and not same_family("loss", "kid1k_250")
+    assert not same_family("images_seen", "kid1k_250") and not same_family("gen_images_250", "kid1k_250")
+    names = ["loss", "kid1k_ddim10", "fid1k_250", "kid1k_250", "kid512_250", "kid1k_10-15-20", "kid1k_ddim10"]
+    assert family_of(names, "kid1k_250") == ["kid1k_250", "kid1k_10-15-20", "kid1k_ddim10"]
+    assert family_of(iter(names), "kid1k_ddim10") == ["kid1k_ddim10", "kid1k_10-15-20", "kid1k_250"]
+    assert family_of(["loss"], "kid1k_250") == []
+    assert same_metric("kid1000_ddim25", "kid1k_ddim25") and same_metric("kid1k_ddim25", "kid1k_ddim25")
+    assert not same_metric("kid1k_ddim25", "kid1k_ddim10") and not same_metric("cheap", "kid1k_ddim25")
+    assert same_metric("cheap", "cheap")
+    pm = {32: ["rkid8_ddim5"], 96: ["rfid16_ddim10"]}
+    assert judged_on([32], pm, "rkid32_ddim5") == "rkid8_ddim5"
+    assert judged_on([32, 96], pm, "rkid32_ddim5") == "rfid16_ddim10"  # the highest low rung it answers
+    assert judged_on([32, 288], pm, "rkid32_ddim5") == "rkid8_ddim5"
+    assert judged_on([288], pm, "rkid32_ddim5") == "rkid32_ddim5" and judged_on([], pm, "rkid32_ddim5") == "rkid32_ddim5"
+    assert metrics_at([32], pm) == (["rkid8_ddim5"], False)
+    assert metrics_at([32, 96], pm) == (["rkid8_ddim5", "rfid16_ddim10"], False)
+    assert metrics_at([32, 288], pm) == (["rkid8_ddim5"], True)  # 288 has no own metric: the tracked one too
+    assert metrics_at([32], pm, final=True) == (["rkid8_ddim5"], True)
+    assert metrics_at([], pm) == ([], True) and metrics_at([288], {}) == ([], True)
+
+
+def test_replicate_is_the_one_reader_of_a_trials_group_and_seed():
+    from sweeps.record.replicate import GROUP_KEY, SEED_KEY, Replicate, config_key, config_values
+
+    assert (GROUP_KEY, SEED_KEY) == ("p2sweep_group", "train.seed")  # the names in Tune's configs and MLflow
+    r = Replicate.of({"diffusion.p2_gamma": 1.0, "p2sweep_group": 3, "train.seed": 7})
+    assert (r.group, r.seed, r.params, r.key) == (3, 7, {"diffusion.p2_gamma": 1.0}, "3:7")
+    assert r.shown == ("3", "7") and r.config_key == 3
+    assert r.config() == {"diffusion.p2_gamma": 1.0, "train.seed": 7, "p2sweep_group": 3}
+    assert Replicate.of(r.config()) == r and Replicate(group=3, seed=7, params={"diffusion.p2_gamma": 1.0}) == r
+    bare = Replicate.of({"train.lr": 0.001})  # a trial without the group key (nor a seed): its values are its key
+    assert (bare.group, bare.seed, bare.key, bare.shown) == (-1, 0, "-:-", ("-", "-"))
+    assert bare.config_key == '{"train.lr": 0.001}' == config_key(-1, {"train.lr": 0.001})
+    assert Replicate.of(None).key == "-:-" and Replicate.of({"train.seed": 2}).key == "-:2"
+    assert config_values({"p2sweep_group": 1, "train.seed": 2, "a.b": 3}) == {"train.seed": 2, "a.b": 3}
+
+
+def test_trial_config_is_the_base_with_the_trials_values_validated():
+    from p2core.errors import UserError
+    from sweeps.record.replicate import trial_config
+    from sweeps.record.spec import parse_sweep
+
+    spec = parse_sweep(smoke_raw(), os.path.join(ROOT, "search_spaces"))
+    cfg = trial_config(spec.base, {"diffusion.p2_gamma": 1, "p2sweep_group": 4, "train.seed": 9})
+    assert cfg.diffusion.p2_gamma == 1.0 and isinstance(cfg.diffusion.p2_gamma, float) and cfg.train.seed == 9
+    assert cfg.metric == spec.metric and cfg.eval.num_samples == spec.base["eval"]["num_samples"]
+    assert trial_config({}, {"diffusion.noise_schedule": "cosine"}).diffusion.p2_k == 1.0  # the defaults filled in
+    with pytest.raises(UserError, match="diffusion.noise_schedule"):
+        trial_config(spec.base, {"diffusion.noise_schedule": "quad"})
+
+
 def test_metric_names_are_the_evaluators_spelling(tmp_path):
     """`kid1000_ddim25` and `kid1k_ddim25` are one metric: a sweep keeps the evaluator's spelling, so the name it
     looks up in a trial's report is the one the trial reports (a sweep spelled `1000` once saw no value at all)."""
     from p2core.metrics import canonical_metric_name
-    from sweeps.meta import SweepMeta, Paths, load_meta
-    from sweeps.spec import load_sweep
+    from sweeps.record.meta import SweepMeta, Paths, load_meta
+    from sweeps.record.spec import load_sweep
 
     assert canonical_metric_name("kid1000_ddim25") == "kid1k_ddim25"
     assert canonical_metric_name("fid10000_50-25-25") == "fid10k_50-25-25"
@@ -574,3 +615,77 @@ def test_metric_names_are_the_evaluators_spelling(tmp_path):
                      raw={}, paths=Paths(str(tmp_path), "", "", ""), parent_run_id="", experiment="old")
     meta.save()
     assert load_meta("old", str(tmp_path)).metric == "kid1k_ddim25"
+
+
+# -- issue 21: scheduler.ema_rule best: one EMA per configuration --------------------------------------------------
+
+def test_group_score_takes_the_ema_of_lowest_mean_over_the_seeds():
+    from sweeps.record.trial_report import group_score
+
+    assert group_score([0.2, 0.4]) == pytest.approx(0.3) and group_score([0.2, math.inf]) == math.inf
+    # seed 0 is best at 0.05, seed 1 at the tracked EMA; each seed's own minimum would average 0.255, a value no
+    # single EMA has: the configuration's score is its best EMA over both seeds, 0.05 with mean 0.27
+    a, b = {"tracked": 0.30, "0.05": 0.25}, {"tracked": 0.26, "0.05": 0.29}
+    assert group_score([a, b]) == pytest.approx(0.27)
+    assert group_score([a, {"tracked": 0.26, "0.05": math.inf}]) == pytest.approx(0.28)  # 0.05 diverged: tracked
+    assert group_score([a, math.inf]) == math.inf  # a seed that raised is +inf at every EMA
+    from sweeps.record.trial_report import group_choice
+
+    assert group_choice([a, b]) == (pytest.approx(0.27), "0.05") and group_choice([0.2, 0.4])[1] is None
+    assert group_choice([a, 0.26]) == (pytest.approx(0.28), "tracked")  # a plain value is the tracked EMA's
+
+
+def test_ema_rule_best_in_reports_asha_and_optuna(tmp_path):
+    import optuna
+
+    from sweeps.record.trial_report import TrialReport
+    from sweeps.tune.schedulers import GroupASHA
+    from sweeps.tune.trainable import rung_candidates
+
+    rec = {"m": 0.30, "m_ema0.05": 0.25}
+    assert rung_candidates(rec, "m", [0.05], "tracked") == {}
+    assert rung_candidates(rec, "m", [0.05], "best") == {"tracked": 0.30, "0.05": 0.25}
+    r = TrialReport.make("m", 0.30, 100, rung_candidates={"tracked": 0.30, "0.05": float("nan")}, evals=rec)
+    res = r.to_result()
+    assert res["rung_score"] == res["ckpt_score"] == 0.30  # the tracked EMA's numbers stay as they were
+    back = TrialReport.from_result("m", res)
+    assert back.judged == {"tracked": 0.30, "0.05": math.inf} and "rung_candidates" not in back.evals
+    assert TrialReport.from_result("m", TrialReport.make("m", 0.3, 100).to_result()).judged == 0.3
+    # ASHA: configuration 0's seeds are best at different EMAs; it is judged at 0.05 over both (0.27)
+    s = GroupASHA("m", [100], 2, seeds_per_group=2)
+    cands = {"t00": {"tracked": 0.30, "0.05": 0.25}, "t01": {"tracked": 0.26, "0.05": 0.29},
+             "t10": {"tracked": 0.40, "0.05": 0.41}, "t11": {"tracked": 0.42, "0.05": 0.43}}
+    for tid, c in cands.items():
+        t = fake_trial(tid, {"p2sweep_group": int(tid[1])})
+        s.on_trial_add(None, t)
+        s.on_trial_result(None, t, TrialReport.make("m", c["tracked"], 100, rung_candidates=c).to_result())
+    assert s.rung_means[100] == {0: pytest.approx(0.27), 1: pytest.approx(0.41)} and s.stopped == {1: 100}
+    assert "m (EMA 0.05) 0.27" in s.decision_line(0, 100, 0.27, None, False, "0.05")
+    # Optuna is told the same rule's value at the end
+    o = _optuna_searcher(tmp_path, [0, 1], n=1)
+    o.suggest("a")
+    o.suggest("b")
+    for tid, c in (("a", cands["t00"]), ("b", cands["t01"])):
+        o.on_trial_complete(tid, TrialReport.make("m", c["tracked"], 384, final=True, rung_candidates=c).to_result())
+    (t,) = o.study.get_trials()
+    assert t.state == optuna.trial.TrialState.COMPLETE and t.value == pytest.approx(0.27)
+    # a NaN of the tracked EMA alone: the configuration is still scored on its other EMAs
+    o2 = _optuna_searcher(tmp_path / "b", [0], n=1)
+    os.makedirs(tmp_path / "b")
+    o2.suggest("c")
+    o2.on_trial_complete("c", TrialReport.make("m", float("nan"), 384, final=True,
+                                               rung_candidates={"tracked": float("nan"), "0.05": 0.2}).to_result())
+    assert o2.study.get_trials()[0].value == pytest.approx(0.2)
+
+
+def test_ema_rule_best_is_refused_with_a_searched_ema():
+    from p2core.errors import UserError
+    from sweeps.record.spec import parse_sweep
+
+    raw = smoke_raw(scheduler={"type": "asha", "grace_period_images": 128, "ema_rule": "best"})
+    raw["base"]["train"]["ema"] = {"type": "power", "snapshot_every_images": 64}
+    raw["base"]["eval"]["ema_sigma_rels"] = [0.07]
+    assert parse_sweep(raw, os.path.join(ROOT, "search_spaces")).ema_rule == "best"
+    raw["space"] = {"eval.ema_sigma_rels": {"choice": [[0.07], [0.07, 0.15]]}}
+    with pytest.raises(UserError, match="scheduler.ema_rule: best cannot be combined with a searched eval.ema_sig"):
+        parse_sweep(raw, os.path.join(ROOT, "search_spaces"))

@@ -3,11 +3,11 @@ under `make test`'s two workers): a start that fails leaves nothing behind, erro
 asked, a time budget stops cleanly and resume finishes."""
 import json
 import os
+import time
 
 import yaml
 
-from test_config_cli import ROOT
-from test_sweep import cli, mlflow_runs, ray_session, sweep, sweep_file  # noqa: F401  (ray_session: its own Ray)
+from helpers import ROOT, cli, mlflow_runs, sweep, sweep_file
 
 
 # -- case 6: a run that fails before it can start leaves nothing behind ----------------------------------------------
@@ -22,8 +22,27 @@ def _nothing_written(storage, name):
         assert exp is None or not c.search_runs([exp.experiment_id])  # deleted runs are not listed
 
 
-def test_failed_starts_leave_nothing_behind(tmp_path, ray_session, monkeypatch):
+def test_failed_starts_leave_nothing_behind(tmp_path, ray_session, monkeypatch, capsys):
     storage = str(tmp_path / "store")
+    # a GPU share on a machine whose Ray has no GPU (this one), or more CPUs than any node: Ray would let the trials
+    # pend for ever; p2sweep says which key at once
+    p = sweep_file(str(tmp_path), "fs")
+    for flag, value, needle in (("--gpus", "0.5", "resources.gpu 0.5"), ("--cpus", "64", "resources.cpu 64")):
+        capsys.readouterr()
+        t0 = time.monotonic()
+        assert sweep(ray_session, "run", p, "--storage", storage, flag, value) == 2
+        err = capsys.readouterr().err
+        assert time.monotonic() - t0 < 30 and needle in err and "Ray sees 1 node(s): 2 CPU" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        _nothing_written(storage, "fs")
+    # a tracking server with nothing listening: MLflow's client would retry for minutes; one line in seconds
+    capsys.readouterr()
+    t0 = time.monotonic()
+    p = sweep_file(str(tmp_path), "fs", tracking={"mlflow_uri": "http://127.0.0.1:9"})
+    assert sweep(ray_session, "run", p, "--storage", storage) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - t0 < 30 and "http://127.0.0.1:9" in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(storage, "fs"))
     p = sweep_file(str(tmp_path), "fs", tracking={"optuna_storage": "sqlite:////nonexistent/dir/o.db"},
                    search={"algorithm": "optuna", "num_samples": 2}, space={"diffusion.p2_gamma": {"choice": [0.0]}})
     r = cli("run", p, "--storage", storage)
@@ -34,7 +53,7 @@ def test_failed_starts_leave_nothing_behind(tmp_path, ray_session, monkeypatch):
     assert r.returncode == 2 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
     _nothing_written(storage, "fs")
     # Ctrl-C while the driver evaluates baselines (the MLflow parent run exists by then)
-    from sweeps import baselines
+    from sweeps.record import baselines
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
@@ -53,7 +72,7 @@ def test_errored_trials_are_retried_only_with_retry_errored(tmp_path, ray_sessio
     storage = str(tmp_path / "store")
     crash = {"crash_at": 100, "crash_always": True}
     assert sweep(ray_session, "run", p, "--storage", storage, "--name", "err.v2", faults=crash) == 0
-    from sweeps.results import known_states
+    from sweeps.results.trials import known_states
 
     d = os.path.join(storage, "err.v2")
     (st,) = known_states(d).values()
@@ -72,7 +91,7 @@ def test_errored_trials_are_retried_only_with_retry_errored(tmp_path, ray_sessio
     assert not [x for x in runs if x.info.status == "RUNNING"]
 
 
-def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, capsys):
+def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, capsys, monkeypatch):
     base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
     base["train"]["total_images"] = 1024  # about 15 s per trial here: the 6 s budget ends the sweep mid-way
     base["train"]["eval_every_images"] = 512
@@ -87,7 +106,30 @@ def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, ca
     assert len(states) == 2 and any(v["state"] in ("RUNNING", "PENDING", "PAUSED") for v in states.values())
     c, runs = mlflow_runs(storage, "budget")
     assert not [x for x in runs if x.info.status == "RUNNING"]
-    assert sweep(ray_session, "resume", "budget", "--storage", storage) == 0
+    # a resume that cannot place one trial (as if the sweep asked for half a GPU: this machine has none) fails with
+    # one line before it writes anything: the parent run stays KILLED, p2sweep.json as it was
+    meta_file = os.path.join(storage, "budget", "p2sweep.json")
+    kept = open(meta_file).read()
+    gpu = json.loads(kept)
+    gpu["raw"]["resources"] = {"cpu": 1, "gpu": 0.5}
+    with open(meta_file, "w") as f:
+        json.dump(gpu, f)
+    asked = open(meta_file).read()
+    assert sweep(ray_session, "resume", "budget", "--storage", storage) == 2
+    assert "resources.gpu" in capsys.readouterr().err and open(meta_file).read() == asked
+    c, runs = mlflow_runs(storage, "budget")
+    assert next(x for x in runs if x.data.tags.get("p2sweep.role") == "sweep").info.status == "KILLED"
+    with open(meta_file, "w") as f:
+        f.write(kept)
+    # resumed from a machine five hours behind the one that started it: Tune names its state files by the driver's
+    # local time, so without a pinned zone the newer state sorts first and the finished trials read as RUNNING
+    monkeypatch.setenv("TZ", "EST5")
+    time.tzset()
+    try:
+        assert sweep(ray_session, "resume", "budget", "--storage", storage) == 0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
     assert {v["state"] for v in states.values()} == {"TERMINATED"}
     c, runs = mlflow_runs(storage, "budget")

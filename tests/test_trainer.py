@@ -4,10 +4,11 @@ import os
 import pytest
 import torch
 
-from helpers import tiny_cfg
+from helpers import crash_once_at, tiny_cfg
 from p2core import checkpoint as ck
 from p2core.ema import EMA
 from p2core.errors import Diverged, UserError
+from p2core.plan import CHECKPOINT, EVALUATE, EVENT_KINDS, LOG, SAMPLE, Schedule
 from p2core.trainer import Trainer, read_jsonl
 
 
@@ -18,19 +19,6 @@ def losses(path):
 def leftover_temp_files(d):
     """Temp files p2core.atomic leaves when a write dies: mkstemp names `.tmp-XXXXXXXX<ext>`."""
     return [f for f in os.listdir(d) if f.startswith(".tmp-")]
-
-
-def crash_once_at(monkeypatch, images):
-    """Make the training step that would reach `images` raise once (a killed process, for the resume tests)."""
-    real, state = Trainer.train_step, {"crashed": False}
-
-    def step(self, x):
-        if not state["crashed"] and self.images_seen + x.shape[0] >= images:
-            state["crashed"] = True
-            raise RuntimeError(f"injected crash at {self.images_seen} images")
-        return real(self, x)
-
-    monkeypatch.setattr(Trainer, "train_step", step)
 
 
 def nan_loss_from(monkeypatch, images):
@@ -46,9 +34,91 @@ def nan_loss_from(monkeypatch, images):
     monkeypatch.setattr(Trainer, "train_step", step)
 
 
+def timeline(schedule, batch, start=0):
+    """(images after the step, its due kinds, the evaluation points it answers) for each step with an event, in
+    batches of `batch` from `start` to the end (the last batch cut short), as the trainer steps."""
+    out, images = [], start
+    while images < schedule.total_images:
+        before, images = images, min(images + batch, schedule.total_images)
+        due = schedule.due(before, images)
+        if due:
+            out.append((images, set(due), schedule.evals_in(before, images)))
+    return out
+
+
+# log every 10, grids every 25, checkpoints every 40, evaluations at 30, 33 (a rung) and the end; batches of 16
+SCHED = Schedule(100, log_every=10, sample_every=25, checkpoint_every=40, eval_points=(30, 33, 100))
+ALL = set(EVENT_KINDS)
+
+
+def test_schedule_fires_each_kind_once_per_step_however_many_points_it_jumps():
+    assert timeline(SCHED, 16) == [
+        (16, {LOG}, []),                              # 10
+        (32, {LOG, SAMPLE, EVALUATE}, [30]),          # 20 and 30 in one step: one log
+        (48, {LOG, CHECKPOINT, EVALUATE}, [33]),      # 40; the rung at 33
+        (64, {LOG, SAMPLE}, []),                      # 50, 60
+        (80, {LOG, SAMPLE, CHECKPOINT}, []),          # 70, 75, 80: a point reached exactly counts
+        (96, {LOG}, []),                              # 90
+        (100, ALL, [100]),                            # the end, a short batch: every kind
+    ]
+    # one image a step: each point on its own, nothing in between
+    assert SCHED.due(29, 30) == {LOG, EVALUATE} and SCHED.due(30, 31) == frozenset()
+    assert SCHED.due(32, 33) == {EVALUATE} and SCHED.evals_in(0, 100) == [30, 33, 100]
+    # one batch past two evaluation points answers both with one evaluation (and passes a point of every kind)
+    assert SCHED.due(0, 40) == ALL and SCHED.evals_in(0, 40) == [30, 33]
+
+
+def test_schedule_every_zero_means_only_the_end():
+    s = Schedule(50, eval_points=(50,))
+    assert timeline(s, 16) == [(50, ALL, [50])]
+    assert timeline(Schedule(48, log_every=16, eval_points=(48,)), 16) == [(16, {LOG}, []), (32, {LOG}, []),
+                                                                            (48, ALL, [48])]
+
+
+def test_schedule_resumed_mid_way_continues_the_same_events():
+    full = timeline(SCHED, 16)
+    assert timeline(SCHED, 16, start=48) == full[3:]  # a checkpoint at a step boundary: the rest of the run
+    # from 40 (e.g. a resume with another batch size): nothing at or before 40 fires again
+    assert timeline(SCHED, 16, start=40) == [(56, {LOG, SAMPLE}, []), (72, {LOG}, []),
+                                             (88, {LOG, SAMPLE, CHECKPOINT}, []), (100, ALL, [100])]
+    assert timeline(SCHED, 16, start=100) == []
+
+
+def test_schedule_from_config():
+    cfg = tiny_cfg(train={"eval_every_images": 128, "sample_every_images": 64})
+    assert Schedule.from_config(cfg, [48, 300]) == Schedule(256, 32, 64, 128, (48, 128, 256))
+
+
+def test_snr_phases_one_definition():
+    import numpy as np
+
+    from p2core.weighting import SNR_PHASE_BOUNDARIES, SNR_PHASE_NAMES, SNR_PHASES, snr_phase
+    from sweeps.results.analysis import PHASE_NAMES
+
+    assert SNR_PHASE_NAMES == PHASE_NAMES == ("coarse", "content", "cleanup") and SNR_PHASE_BOUNDARIES == (1e-2, 1.0)
+    assert [(p.low, p.high) for p in SNR_PHASES] == [(0.0, 1e-2), (1e-2, 1.0), (1.0, math.inf)]
+    assert snr_phase(np.array([1e-4, 1e-2, 0.5, 1.0, 30.0])).tolist() == [0, 1, 1, 2, 2]  # low edges inclusive
+
+
+def test_trainer_composed_from_its_parts(tmp_path):
+    # the parts of a config-built trainer, run under another schedule: logs at 16 and 32, one evaluation hook
+    base = Trainer.from_config(tiny_cfg(), str(tmp_path / "base"), progress=False)
+    evals = []
+
+    class Hooks:
+        def on_eval(self, tr, rec):
+            evals.append((rec["images_seen"], rec["points"]))
+
+    tr = Trainer(base.model, base.diffusion, base.data, base.ema, base.opt, None, Schedule(32, 16, eval_points=(32,)),
+                 Hooks(), cfg=base.cfg, out_dir=str(tmp_path / "run"), device=base.device, progress=False)
+    assert tr.run() == {"kind": "eval", "images_seen": 32, "points": [32]} and evals == [(32, [32])]
+    assert [x for x, _ in losses(tmp_path / "run")] == [16, 32] and tr.step == 2
+    assert ck.list_checkpoints(tr.ckpt_dir)[-1].endswith("ckpt_000000000032.pt")
+
+
 def test_loss_goes_down_on_tiny_synthetic_set(tmp_path):
     cfg = tiny_cfg(train={"total_images": 512})
-    Trainer(cfg, str(tmp_path), progress=False).run()
+    Trainer.from_config(cfg, str(tmp_path), progress=False).run()
     ls = [l for _, l in losses(tmp_path)]
     assert sum(ls[-3:]) / 3 < 0.5 * sum(ls[:3]) / 3
 
@@ -71,12 +141,12 @@ def test_ema_warmup_rate():
 
 def test_checkpoint_round_trip_weights_only(tmp_path):
     cfg = tiny_cfg(train={"total_images": 64, "checkpoint_every_images": 32})
-    tr = Trainer(cfg, str(tmp_path), progress=False)
+    tr = Trainer.from_config(cfg, str(tmp_path), progress=False)
     tr.run()
     path = ck.latest_checkpoint(os.path.join(tmp_path, "checkpoints"))
     obj = torch.load(path, weights_only=True)
     assert obj["format"] == ck.FORMAT and obj["images_seen"] == 64 and "p2_gamma: 1.0" in obj["config_yaml"]
-    tr2 = Trainer(cfg, str(tmp_path / "b"), progress=False, resume_from=path)
+    tr2 = Trainer.from_config(cfg, str(tmp_path / "b"), progress=False, resume_from=path)
     for a, b in zip(tr.model.state_dict().values(), tr2.model.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(tr.ema.state_dict().values(), tr2.ema.state_dict().values()):
@@ -99,28 +169,31 @@ def test_leftover_check_matches_the_atomic_temp_file_names(tmp_path):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_resume_gives_the_same_loss_sequence(tmp_path, monkeypatch, bf16):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    Trainer(tiny_cfg(train={"bf16": bf16}), a, progress=False).run()
-    cfg = tiny_cfg(train={"bf16": bf16})
-    crash_once_at(monkeypatch, 160)
+    # a quarter of the tiny run (bf16 autocast on CPU is ~10x slower than float32): 4 steps of 16, a checkpoint
+    # after the second, a crash in the third
+    short = {"bf16": bf16, "total_images": 64, "checkpoint_every_images": 32, "log_every_images": 16}
+    Trainer.from_config(tiny_cfg(train=short), a, progress=False).run()
+    cfg = tiny_cfg(train=short)
+    crash_once_at(monkeypatch, 48)
     with pytest.raises(RuntimeError, match="injected crash"):
-        Trainer(cfg, b, progress=False).run()
-    assert ck.latest_checkpoint(os.path.join(b, "checkpoints")).endswith("ckpt_000000000128.pt")
-    Trainer(cfg, b, progress=False, resume=True).run()
+        Trainer.from_config(cfg, b, progress=False).run()
+    assert ck.latest_checkpoint(os.path.join(b, "checkpoints")).endswith("ckpt_000000000032.pt")
+    Trainer.from_config(cfg, b, progress=False, resume=True).run()
     la, lb = losses(a), losses(b)
-    assert [x for x, _ in la] == [x for x, _ in lb]
+    assert [x for x, _ in la] == [x for x, _ in lb] == [16, 32, 48, 64]
     assert all(math.isclose(x, y, rel_tol=1e-6) for (_, x), (_, y) in zip(la, lb))
 
 
 def test_divergence_guard_names_the_image_count(tmp_path, monkeypatch):
     nan_loss_from(monkeypatch, 48)
     with pytest.raises(Diverged) as e:
-        Trainer(tiny_cfg(), str(tmp_path), progress=False).run()
+        Trainer.from_config(tiny_cfg(), str(tmp_path), progress=False).run()
     assert e.value.images_seen == 48 and "48 images" in str(e.value)
 
 
 def test_resume_without_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
-        Trainer(tiny_cfg(), str(tmp_path), progress=False, resume=True)
+        Trainer.from_config(tiny_cfg(), str(tmp_path), progress=False, resume=True)
 
 
 def test_hooks_and_extra_eval_points(tmp_path):
@@ -134,7 +207,7 @@ def test_hooks_and_extra_eval_points(tmp_path):
             seen["ckpt"].append(os.path.basename(path))
 
     cfg = tiny_cfg(train={"eval_every_images": 128})
-    Trainer(cfg, str(tmp_path), hooks=Hooks(), extra_eval_points=[48], progress=False).run()
+    Trainer.from_config(cfg, str(tmp_path), hooks=Hooks(), extra_eval_points=[48], progress=False).run()
     assert seen["eval"] == [48, 128, 256]
     assert seen["ckpt"] == ["ckpt_000000000128.pt", "ckpt_000000000256.pt"]
 
@@ -149,7 +222,7 @@ def test_eval_points_in_one_step_evaluate_once(tmp_path):
 
     cfg = tiny_cfg(train={"total_images": 32, "batch_size": 16},
                    eval={"enabled": True, "num_samples": 4, "ref_samples": 8, "cache_dir": str(tmp_path / "cache")})
-    Trainer(cfg, str(tmp_path / "run"), hooks=Hooks(), extra_eval_points=[16, 31], progress=False).run()
+    Trainer.from_config(cfg, str(tmp_path / "run"), hooks=Hooks(), extra_eval_points=[16, 31], progress=False).run()
     assert calls == [(16, False), (32, True)]
     evals = [r for r in read_jsonl(os.path.join(tmp_path, "run", "metrics.jsonl")) if r["kind"] == "eval"]
     assert [r["images_seen"] for r in evals] == [16, 32]
@@ -210,19 +283,20 @@ def test_image_folder_is_decoded_once_into_a_cache(tmp_path, monkeypatch):
 
 
 def test_init_from_p2sweep_and_bare_official_state_dict(tmp_path):
-    src = Trainer(tiny_cfg(train={"total_images": 32}), str(tmp_path / "src"), progress=False)
+    src = Trainer.from_config(tiny_cfg(train={"total_images": 32}), str(tmp_path / "src"), progress=False)
     src.run()
     path = ck.latest_checkpoint(os.path.join(tmp_path, "src", "checkpoints"))
-    t = Trainer(tiny_cfg(), str(tmp_path / "a"), progress=False, init_from=path)
+    t = Trainer.from_config(tiny_cfg(), str(tmp_path / "a"), progress=False, init_from=path)
     assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), src.model.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(t.ema.state_dict().values(), src.ema.state_dict().values()))
     assert t.images_seen == 0  # weights only: a new run
     bare = tmp_path / "ema_0.9999_000032.pt"
     torch.save({"module." + k: v for k, v in src.ema.state_dict().items()}, bare)  # DDP-style official file
-    t2 = Trainer(tiny_cfg(), str(tmp_path / "b"), progress=False, init_from=str(bare))
+    t2 = Trainer.from_config(tiny_cfg(), str(tmp_path / "b"), progress=False, init_from=str(bare))
     assert all(torch.equal(a, b) for a, b in zip(t2.model.state_dict().values(), src.ema.state_dict().values()))
     with pytest.raises(UserError, match="shape"):
-        Trainer(tiny_cfg(model={"num_channels": 64}), str(tmp_path / "c"), progress=False, init_from=str(bare))
+        Trainer.from_config(tiny_cfg(model={"num_channels": 64}), str(tmp_path / "c"), progress=False,
+                            init_from=str(bare))
 
 
 def test_no_fault_injection_in_the_trainer():
@@ -243,7 +317,7 @@ def test_legacy_fault_injection_keys_are_dropped_only_when_zero(tmp_path):
         config_from_dict({"train": {"inject_nan_at_images": 48}})
     assert str(e.value) == "train.inject_nan_at_images: unknown config key"
     # an old checkpoint stores both keys (value 0) in its config_yaml
-    src = Trainer(tiny_cfg(train={"total_images": 16}), str(tmp_path / "src"), progress=False)
+    src = Trainer.from_config(tiny_cfg(train={"total_images": 16}), str(tmp_path / "src"), progress=False)
     src.run()
     obj = torch.load(ck.latest_checkpoint(str(tmp_path / "src" / "checkpoints")), weights_only=True)
     old = yaml.safe_load(obj["config_yaml"])
@@ -266,7 +340,7 @@ def same_weights(model, sd):
 def test_load_model_from_p2sweep_checkpoint_and_bare_state_dict(tmp_path):
     import yaml
 
-    src = Trainer(tiny_cfg(train={"total_images": 32}), str(tmp_path / "src"), progress=False)
+    src = Trainer.from_config(tiny_cfg(train={"total_images": 32}), str(tmp_path / "src"), progress=False)
     src.run()
     path = ck.latest_checkpoint(str(tmp_path / "src" / "checkpoints"))
     model, cfg, which = ck.load_model(path)
@@ -304,7 +378,7 @@ def test_trainer_builds_its_diffusion_from_the_config(tmp_path):
     from p2core.diffusion import diffusion_from_config
 
     cfg = tiny_cfg(diffusion={"timestep_respacing": "20", "noise_schedule": "cosine"})
-    d = Trainer(cfg, str(tmp_path), progress=False).diffusion
+    d = Trainer.from_config(cfg, str(tmp_path), progress=False).diffusion
     ref = diffusion_from_config(cfg.diffusion)
     assert d.num_timesteps == 20 and np.array_equal(d.betas, ref.betas)
     assert np.array_equal(d.loss_weight, ref.loss_weight) and d.learn_sigma and d.rescale_learned_sigmas

@@ -1,5 +1,5 @@
 """Real servers on 127.0.0.1 for the cluster tests, each a process of its own that the fixture starts and stops by its
-PID (its whole process group, nothing else): an S3 API (moto), an MLflow tracking server with its artifacts in that
+PID (its whole session, nothing else): an S3 API (moto), an MLflow tracking server with its artifacts in that
 bucket, Ray nodes (`ray start --block`, never `ray stop`)."""
 import os
 import secrets
@@ -14,6 +14,8 @@ import urllib.request
 
 BIN = os.path.dirname(sys.executable)
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from procs import kill_session  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BUCKET = "p2sweep-test"
 # looks like a secret so that a leak is easy to find: the tests grep the bucket, p2sweep.json and MLflow for it
@@ -55,16 +57,21 @@ def start(cmd: list, env: dict, log: str) -> subprocess.Popen:
 
 
 def stop(p: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    """The process and the processes it started (its session), by its PID."""
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+    """The process and every process it started (its session), by its PID. SIGKILL reaches all of them at once
+    (a lost machine); otherwise its process group gets `sig` first and what is left after 5 s is killed."""
+    if sig == signal.SIGKILL:
+        kill_session(p.pid, sig)
+    else:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+    kill_session(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 class S3:
@@ -125,7 +132,7 @@ class RayNode:
     """`ray start --block` on 127.0.0.1 (a head, or a worker joining `address`) with its own --temp-dir."""
 
     def __init__(self, tmp: str, env: dict, head_address: str = "", num_cpus: int = 1, name: str = "",
-                 resources: str = ""):
+                 resources: str = "", num_gpus: int = 0):
         self.temp = tempfile.mkdtemp(prefix="p2rn", dir="/tmp")  # Ray's socket paths must stay under 107 chars
         cmd = [sys.executable, os.path.join(HERE, "ray_loopback.py"), "start", "--block",
                "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={self.temp}",
@@ -141,6 +148,8 @@ class RayNode:
             cmd += [f"--node-name={name}"]
         if resources:
             cmd += [f"--resources={resources}"]
+        if num_gpus:  # declared GPUs on a CPU machine: Ray places and accounts for them as for real ones
+            cmd += [f"--num-gpus={num_gpus}"]
         log = os.path.join(tmp, f"ray-{name or 'head'}.log")
         self.proc = start(cmd, env, log)
         if self.port:

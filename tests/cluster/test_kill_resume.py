@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_sweep import ROOT, cli, mlflow_runs, sweep_file, trials_of  # noqa: E402
+from helpers import ROOT, cli, mlflow_runs, sweep_file, trials_of  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
@@ -32,7 +32,7 @@ def test_optuna_resume_after_kills_right_after_a_tell(tmp_path):
     slow_save = {"TUNE_GLOBAL_CHECKPOINT_S": "3600"}
     r = cli("run", p, "--storage", storage, faults={"kill_after_tell": True}, env=slow_save, session=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    from sweeps.meta import load_meta
+    from sweeps.record.meta import load_meta
 
     meta = load_meta("optkill", storage)
     study = optuna.load_study(study_name=meta.study_name, storage=f"sqlite:///{storage}/optuna.db")

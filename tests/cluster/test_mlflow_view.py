@@ -23,7 +23,7 @@ def server(tmp_path):
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import set_compare_view
+    from sweeps.tracking.view import set_compare_view
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)

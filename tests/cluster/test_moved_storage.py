@@ -11,7 +11,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from test_sweep import cli, mlflow_runs, sweep_file, trials_of  # noqa: E402
+from helpers import cli, mlflow_runs, sweep_file, trials_of  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
@@ -52,7 +52,7 @@ def test_a_copied_storage_resumes_on_its_own(tmp_path):
     assert all(t.dir.startswith(copy) for t in trials)
     import optuna
 
-    from sweeps.meta import load_meta
+    from sweeps.record.meta import load_meta
 
     study = optuna.load_study(study_name=load_meta("moving", copy).study_name, storage=f"sqlite:///{copy}/optuna.db")
     assert len(study.get_trials()) == 3 and all(t.state != optuna.trial.TrialState.RUNNING for t in study.get_trials())

@@ -13,8 +13,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from servers import BUCKET, SECRET  # noqa: E402
-from test_sweep import ENV, M, ROOT, sweep_file  # noqa: E402
+from servers import BUCKET, SECRET, stop  # noqa: E402
+from helpers import ENV, M, ROOT, sweep_file  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
@@ -43,8 +43,8 @@ def wait_for_report(s3, prefix: str, seconds: float, proc) -> None:
 def test_s3_sweep_with_tracking_server_survives_a_driver_kill(s3, mlflow_server, s3_env, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from sweeps.meta import load_meta
-    from sweeps.results import load_trials
+    from sweeps.record.meta import load_meta
+    from sweeps.results.trials import load_trials
 
     name, storage = "s3kill", f"s3://{BUCKET}/sweeps"
     p = sweep_file(str(tmp_path), name, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}})
@@ -55,8 +55,7 @@ def test_s3_sweep_with_tracking_server_survives_a_driver_kill(s3, mlflow_server,
         try:
             wait_for_report(s3, f"sweeps/{name}/", 300, proc)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-            proc.wait()
+            stop(proc, signal.SIGKILL)  # the driver, the local Ray it started and Ray's workers
     run_err = open(tmp_path / "run.err").read()
     assert "reference statistics: computed" in run_err, run_err[-3000:]
     # another machine resumes: a fresh node cache, so the statistics come out of the bucket, not off this disk

@@ -4,7 +4,6 @@ environment has no RAY_AUTH_MODE: p2sweep must set it before Ray is imported. Ru
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 BIN = os.path.dirname(sys.executable)
 pytestmark = pytest.mark.cluster
 sys.path.insert(0, HERE)
-from servers import free_port, wait_port  # noqa: E402
+from servers import free_port, stop, wait_port  # noqa: E402
 
 
 @pytest.fixture
@@ -37,12 +36,7 @@ def token_head(tmp_path):
         assert wait_port(port, 60), "the Ray head did not come up"
         yield {"port": port, "env": env, "home": home}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # the head and the processes it started, nothing else
-        try:
-            head.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop(head)  # the head and the processes it started, nothing else
         shutil.rmtree(short_tmp, ignore_errors=True)
 
 

@@ -16,8 +16,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from servers import BUCKET, RayNode  # noqa: E402
-from test_sweep import ENV, M, ROOT, sweep_file  # noqa: E402
+from servers import BUCKET, RayNode, stop  # noqa: E402
+from helpers import ENV, M, ROOT, sweep_file  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
@@ -39,6 +39,13 @@ def alive_nodes(address: str, env: dict) -> int:
     return len(re.findall(r"\bnode_", active))
 
 
+def wait_for_nodes(address: str, env: dict, n: int = 2, seconds: float = 90) -> None:
+    end = time.time() + seconds
+    while alive_nodes(address, env) < n:
+        assert time.time() < end, f"fewer than {n} Ray nodes joined within {seconds} s"
+        time.sleep(2)
+
+
 def reports_from(s3, prefix: str) -> dict:
     """{trial dir: [node of each report]} from the result.json files in the bucket."""
     out = {}
@@ -51,7 +58,8 @@ def reports_from(s3, prefix: str) -> dict:
 def test_trials_on_two_nodes_and_a_lost_node(s3, mlflow_server, s3_env, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from sweeps.results import load_trials
+    from procs import session_pids
+    from sweeps.results.trials import load_trials
 
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
@@ -61,13 +69,12 @@ def test_trials_on_two_nodes_and_a_lost_node(s3, mlflow_server, s3_env, tmp_path
     try:
         node_b = RayNode(str(tmp_path), node_env(s3, tmp_path / "cache_b", home), head_address=head.address,
                          num_cpus=1, name="node_b", resources='{"node_b": 1}')
-        end = time.time() + 90
-        while alive_nodes(head.address, node_env(s3, tmp_path, home)) < 2:
-            assert time.time() < end, "the second node did not join"
-            time.sleep(2)
+        wait_for_nodes(head.address, node_env(s3, tmp_path, home))
         name, storage = "twonode", f"s3://{BUCKET}/cluster"
         base = __import__("yaml").safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
-        base["train"].update(total_images=512, eval_every_images=128)
+        base["train"].update(total_images=512, eval_every_images=128,
+                             ema={"type": "power", "sigma_rels": [0.05, 0.10], "snapshot_every_images": 64})
+        base["eval"]["ema_sigma_rels"] = [0.07]  # reconstructed at every evaluation, also after the move
         p = sweep_file(str(tmp_path), name, base=base, space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}},
                        scheduler={"type": "none"}, max_failures=2)
         # the driver: this machine's loopback-only Ray settings (test_sweep.ENV), the cluster's token (its HOME; no
@@ -85,10 +92,12 @@ def test_trials_on_two_nodes_and_a_lost_node(s3, mlflow_server, s3_env, tmp_path
                     assert time.time() < end, "no trial reported from node_b"
                     time.sleep(1)
                 node_b.stop(signal.SIGKILL)  # node loss: the raylet, its workers and its trial, at once
+                # (Ray's workers have process groups of their own: a trial left running would go on reporting)
+                assert not session_pids(node_b.proc.pid)
                 rc = proc.wait(500)
             finally:
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    stop(proc, signal.SIGKILL)
         err = open(tmp_path / "run.err").read()
         assert rc == 0, err[-4000:]
         trials = load_trials(f"{storage}/{name}", M)
@@ -104,6 +113,15 @@ def test_trials_on_two_nodes_and_a_lost_node(s3, mlflow_server, s3_env, tmp_path
             recs = s3.read(f"cluster/{name}/{os.path.basename(t.dir)}/p2/metrics.jsonl").decode().splitlines()
             seen = [json.loads(x)["images_seen"] for x in recs if json.loads(x).get("kind") == "train"]
             assert seen == list(range(64, 513, 64)), (t.trial_id, seen)
+            # every power-EMA snapshot in the bucket, each uploaded whole when taken, whichever node took it; the
+            # moved trial found those node_b took (else its resume names the missing ones on stderr)
+            folder = f"cluster/{name}/{os.path.basename(t.dir)}/p2/ema_snapshots/"
+            snaps = sorted(k.rsplit("/", 1)[1] for k in s3.keys(folder) if not k.endswith("/"))  # not dir markers
+            assert snaps == [f"snap_{n:012d}.pt" for n in range(64, 513, 64)], (t.trial_id, snaps)
+            evals = [json.loads(x) for x in recs if json.loads(x).get("kind") == "eval"]
+            assert [e["images_seen"] for e in evals] == [128, 256, 384, 512]
+            assert all(f"{M}_ema0.07" in e for e in evals), evals[-1]
+        assert "resumed without" not in err and "resumed without" not in open(tmp_path / "run.out").read()
         c = MlflowClient(mlflow_server.uri)
         runs = c.search_runs([c.get_experiment_by_name(name).experiment_id], max_results=100)
         kids = [x for x in runs if x.data.tags.get("p2sweep.role") == "trial"]

@@ -61,7 +61,7 @@ def parse_baselines(raw, base: dict, here: str) -> list[dict]:
 
 
 def load_results(exp_dir: str) -> dict:
-    from .storage import join, read_text
+    from ..storage.fs import join, read_text
 
     text = read_text(join(exp_dir, FILE))
     return json.loads(text) if text else {}
@@ -96,7 +96,7 @@ def evaluate(baselines: list[dict], base: dict, exp_dir: str, cache_dir: str, tr
     sweep passes a Ray task); returns {name: {metrics..., checkpoint}}."""
     if not baselines:
         return {}
-    from .storage import join, write_text
+    from ..storage.fs import join, write_text
 
     run = run or (lambda b: evaluate_one(b, base, cache_dir))
     done = load_results(exp_dir)

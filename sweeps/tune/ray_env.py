@@ -13,6 +13,8 @@ import sys
 
 from p2core.errors import UserError
 
+from ..compat import RAY_CURRENT_CLUSTER_FILE
+
 
 def resolve_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
@@ -88,7 +90,7 @@ def probe(address: str, timeout: float = 5.0) -> None:
     import socket
 
     if address == "auto":
-        recorded = "/tmp/ray/ray_current_cluster"
+        recorded = RAY_CURRENT_CLUSTER_FILE
         if not os.path.exists(recorded):
             raise UserError("--address auto: no Ray cluster was started on this machine (`ray start --head`); "
                             "give HOST:PORT of the head node")
@@ -110,3 +112,45 @@ def shutdown() -> None:
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+def node_resources() -> list[dict]:
+    """The resources of each alive Ray node ({'CPU': 2.0, 'GPU': 1.0, ...})."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def _describe(n: dict) -> str:
+    cpu, gpu = n.get("CPU", 0), n.get("GPU", 0)
+    return f"{cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else "")
+
+
+def fit_problem(cpu: float, gpu: float, nodes: list[dict]) -> str:
+    """Why no node can hold one trial ({'CPU': cpu, 'GPU': gpu}), or "" when one can. Ray itself never says: such a
+    trial pends for ever while the autoscaler logs "No available node types can fulfill resource request"."""
+    if any(n.get("CPU", 0) >= cpu and n.get("GPU", 0) >= gpu for n in nodes):
+        return ""
+    gpus = [n.get("GPU", 0) for n in nodes]
+    seen = f"Ray sees {len(nodes)} node(s): {', '.join(_describe(n) for n in nodes) or 'none'}"
+    if gpu and max(gpus, default=0) < gpu:
+        return (f"resources.gpu {gpu:g}: no Ray node has a GPU share of {gpu:g} for one trial ({sum(gpus):g} GPU(s) "
+                f"in all); {seen}")
+    need = f"{cpu:g} CPU(s)" + (f" and {gpu:g} GPU" if gpu else "")
+    return f"resources.cpu {cpu:g}: no Ray node has {need} for one trial; {seen}"
+
+
+def check_fits(cpu: float, gpu: float, attached: bool) -> None:
+    """Stop a sweep whose trials cannot be placed anywhere, before anything is written. On the local Ray that is an
+    error (exit 2); attached to a cluster a warning, since an autoscaling cluster may still add a node that fits."""
+    why = fit_problem(cpu, gpu, node_resources())
+    if not why:
+        return
+    if not attached:
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hint = ((f" (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else "") +
+                ": set resources.gpu to 0 (no --gpus) here, or run on a machine with a GPU" if gpu else
+                ": lower resources.cpu (--cpus)")
+        raise UserError(why + hint)
+    print(f"p2sweep: warning: {why}; its trials wait until a node that fits joins the cluster (an autoscaling "
+          "cluster may add one; otherwise stop with Ctrl-C and lower resources.*)", file=sys.stderr)

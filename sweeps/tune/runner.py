@@ -13,11 +13,14 @@ import tempfile
 
 from p2core.errors import UserError
 
+from .. import compat
 from . import ray_env
-from . import results as R
-from . import storage as S
-from .meta import META, STATES, Paths, SweepMeta, load_meta, storage_root, validate_name
-from .spec import SweepSpec, parse_sweep
+from ..results import trials as R
+from ..storage import fs as S
+from ..storage import layout as L
+from ..storage import tune_state
+from ..record.meta import META, STATES, Paths, SweepMeta, load_meta, storage_root, validate_name
+from ..record.spec import SweepSpec, spec_of
 
 
 def tracking_uri(spec_uri: str, storage: str) -> str:
@@ -27,14 +30,14 @@ def tracking_uri(spec_uri: str, storage: str) -> str:
     if S.is_uri(storage):
         raise UserError(f"--storage {storage}: an object-storage sweep needs an MLflow tracking server (SQLite "
                         "cannot live in a bucket): set tracking.mlflow_uri in the sweep file or MLFLOW_TRACKING_URI")
-    return "sqlite:///" + os.path.join(os.path.abspath(storage), "mlflow.db")
+    return L.mlflow_db_uri(os.path.abspath(storage))
 
 
 def resolve_paths(spec: SweepSpec, storage: str) -> Paths:
     """Where the sweep's parts live. A path storage holds everything (SQLite stores, reference statistics); an
     object storage holds Tune's state, the trials, p2sweep's files and the reference statistics, while MLflow and
     Optuna need servers (databases do not live in buckets)."""
-    from .spec import has_credentials
+    from ..record.spec import has_credentials
 
     root = storage_root(storage)
     env_uri = "" if spec.mlflow_uri else os.environ.get("MLFLOW_TRACKING_URI", "")  # the one written to p2sweep.json
@@ -48,10 +51,10 @@ def resolve_paths(spec: SweepSpec, storage: str) -> Paths:
             raise UserError(f"--storage {root}: an Optuna sweep on object storage needs tracking.optuna_storage (a "
                             "database URL every node and resume can reach, e.g. postgresql://...)")
         return Paths(storage=root, mlflow_uri=tracking_uri(spec.mlflow_uri, root),
-                     optuna_storage=spec.optuna_storage, cache_dir=spec.cache_dir or S.join(root, "cache"))
+                     optuna_storage=spec.optuna_storage, cache_dir=spec.cache_dir or S.join(root, L.CACHE))
     return Paths(storage=root, mlflow_uri=tracking_uri(spec.mlflow_uri, root),
-                 optuna_storage=spec.optuna_storage or ("sqlite:///" + os.path.join(root, "optuna.db")),
-                 cache_dir=spec.cache_dir or os.path.join(root, "cache"))
+                 optuna_storage=spec.optuna_storage or L.optuna_db_uri(root),
+                 cache_dir=spec.cache_dir or os.path.join(root, L.CACHE))
 
 
 def provenance() -> dict:
@@ -74,15 +77,27 @@ def provenance() -> dict:
     return out
 
 
-def precompute_reference(spec: SweepSpec, paths: Paths) -> dict:
+def precompute_reference(spec: SweepSpec, paths: Paths, address: str | None) -> dict:
     """The reference statistics, once per sweep, as a Ray task before the trials start (trials then read them from
     the cache or, for object storage, copy them from it)."""
     from .driver_tasks import reference_as_task
 
-    out = reference_as_task(spec.base, paths.cache_dir, spec.cpu, spec.gpu)
-    print(f"reference statistics: {'computed' if out['computed'] else 'found in ' + out['path']} in "
+    out = reference_as_task(spec.base, paths.cache_dir, spec.cpu, spec.gpu, whole_node=_local(address))
+    gpus = f" on GPU {out['gpus']}" if out.get("gpus") else ""
+    print(f"reference statistics: {'computed' if out['computed'] else 'found in ' + out['path']}{gpus} in "
           f"{out['wall_seconds']:.1f} s", file=sys.stderr)
     return out
+
+
+def _local(address: str | None) -> bool:
+    """The sweep runs on a local Ray that p2sweep starts itself (nobody else's work shares it)."""
+    return ray_env.resolve_address(address) is None
+
+
+def start_ray(spec: SweepSpec, address: str | None, worker_env: dict | None = None) -> None:
+    """Start or attach Ray, then check that one trial fits on some node (Ray would let it pend for ever)."""
+    ray_env.init_ray(address, worker_env)
+    ray_env.check_fits(spec.cpu, spec.gpu, attached=not _local(address))
 
 
 # -- building the Tuner -------------------------------------------------------------------------------------------
@@ -95,6 +110,7 @@ def build_trainable(spec: SweepSpec, paths: Paths, ref_file: str = ""):
     # a cache in object storage: each node keeps its own local cache and copies the reference statistics into it
     local = not S.is_uri(paths.cache_dir)
     info = TrialInfo(metric=spec.metric, rungs=spec.rungs(), rung_metrics=spec.rung_metric_map(), cpu=spec.cpu,
+                     ema_rule=spec.ema_rule,
                      cache_dir=paths.cache_dir if local else "", ref_file="" if local else ref_file)
     fn = tune.with_parameters(run_trial, base=spec.base, info=info)
     res = {"cpu": spec.cpu}
@@ -124,19 +140,37 @@ def make_scheduler(spec: SweepSpec, exp_dir: str):
 
 def trial_name(trial) -> str:
     """`g<group>s<seed>-<trial id>`: which configuration and seed a trial is, in Tune's tables and folder names."""
-    from .report import GROUP_KEY
+    from ..record.replicate import Replicate
 
-    return f"g{trial.config.get(GROUP_KEY, '-')}s{trial.config.get('train.seed', '-')}-{trial.trial_id}"
+    group, seed = Replicate.of(trial.config).shown
+    return f"g{group}s{seed}-{trial.trial_id}"
 
 
-def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str):
+def quiet_console(verbose: bool) -> None:
+    from . import console
+
+    console.quiet_tune(verbose)
+
+
+def console_callbacks(spec: SweepSpec, verbose: bool) -> list:
+    """Tune's JSON/CSV loggers (result.json is read back) and, unless --verbose, the sweep's own console."""
+    from . import console
+
+    if verbose:
+        return console.loggers()
+    console.decision_log()
+    return console.loggers() + [console.SweepConsole(spec.metric, spec.max_images, sorted(spec.space))]
+
+
+def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str, verbose: bool = False):
     from ray import tune
 
-    from .report import SCORE
-    from .tracking import MLflowTracker
+    from ..record.trial_report import SCORE
+    from ..tracking.callback import MLflowTracker
 
     tracker = MLflowTracker(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, spec.base_config().flat(),
                             spec.metric, spec.max_images, meta.name, meta.dir)
+    extra = console_callbacks(spec, verbose)
     storage_path, fs = S.ray_storage(meta.paths.storage)
     return tune.Tuner(
         build_trainable(spec, meta.paths, ref_file), param_space={},
@@ -145,7 +179,7 @@ def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str):
                                     reuse_actors=False, trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=meta.name, storage_path=storage_path, storage_filesystem=fs, callbacks=[tracker],
+            name=meta.name, storage_path=storage_path, storage_filesystem=fs, callbacks=[tracker, *extra],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # the trial's own files (p2/: metrics.jsonl, sample grids, loss.png) reach the storage from any node, at
             # every reported checkpoint; without it they stay in the node's /tmp/ray session
@@ -153,21 +187,26 @@ def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str):
             # the best checkpoint by the sweep metric and the latest (Tune always keeps the latest)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                     checkpoint_score_order="min"),
-            verbose=1))
+            verbose=1 if verbose else 0))
 
 
 # -- run / resume ---------------------------------------------------------------------------------------------------
 
 def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budget_s: float | None,
-        spec_dir: str = ".") -> int:
+        spec_dir: str = ".", verbose: bool = False) -> int:
     validate_name(name)
+    ray_env.prepare(address)  # before anything imports Ray (the console does)
+    tune_state.pin_utc()  # before Tune names its state files by the driver's local time
+    quiet_console(verbose)
     worker_env = ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
     paths = resolve_paths(spec, storage)
     d = S.join(paths.storage, name)
     if S.exists(S.join(d, META)):
         raise UserError(f"sweep {name!r} already exists in {paths.storage}: `p2sweep resume {name}` continues it, "
                         "--name starts another")
-    ray_env.prepare(address)
+    from ..tracking.client import probe_tracking
+
+    probe_tracking(paths.mlflow_uri)  # a tracking server that does not answer fails here, before anything is written
     if not S.is_uri(paths.storage):
         os.makedirs(paths.storage, exist_ok=True)  # the default SQLite files live in it
     sweep_id = SweepMeta.new_id()
@@ -182,30 +221,31 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
             from .schedulers import open_study
 
             study = open_study(paths.optuna_storage, meta.study_name, sweep_id, create=True)
-        ray_env.init_ray(address, worker_env)  # an --address that cannot be attached fails here
-        ref = precompute_reference(spec, paths)
+        start_ray(spec, address, worker_env)  # an --address that cannot be attached, a trial that fits nowhere
+        ref = precompute_reference(spec, paths, address)
         from mlflow.entities import Param
 
-        from .tracking import Retrying, client, ensure_experiment
+        from ..tracking.client import Retrying, client
+        from ..tracking.runs import create_run_once, ensure_experiment
 
         c = Retrying(client(paths.mlflow_uri))
         exp = ensure_experiment(c, name)
-        parent = c.create_run(exp, run_name=f"{name} (sweep)", tags={"p2sweep.role": "sweep", "p2sweep.sweep": name,
-                                                                     "p2sweep.sweep_id": sweep_id})
+        parent = create_run_once(c, exp, f"{name} (sweep)", {"p2sweep.role": "sweep", "p2sweep.sweep": name,
+                                                             "p2sweep.sweep_id": sweep_id}, "p2sweep.sweep_id")
         meta.parent_run_id = parent.info.run_id
         params = {"sweep.metric": spec.metric, "sweep.algorithm": spec.algorithm, "sweep.scheduler": spec.scheduler,
                   "sweep.seeds": str(spec.seeds), "sweep.max_images": spec.max_images, "sweep.id": sweep_id,
-                  "sweep.rung_metrics": str(spec.rung_metric_map() or "-"),
+                  "sweep.rung_metrics": str(spec.rung_metric_map() or "-"), "sweep.ema_rule": spec.ema_rule,
                   "reference.computed": ref["computed"], "reference.task_seconds": round(ref["wall_seconds"], 1),
                   **provenance()}
         c.log_batch(meta.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
         c.log_text(meta.parent_run_id, spec.source_yaml, "sweep.yaml")
-        run_baselines(spec, meta, ref["path"])
+        run_baselines(spec, meta, ref["path"], address)
         meta.save()
     except BaseException:
         _undo_start(meta, c, study, created_dir)
         raise
-    return _fit(spec, meta, address, time_budget_s, restore=False, ref_file=ref["path"])
+    return _fit(spec, meta, address, time_budget_s, restore=False, ref_file=ref["path"], verbose=verbose)
 
 
 def _undo_start(meta: SweepMeta, c, study, created_dir: bool) -> None:
@@ -227,77 +267,79 @@ def _undo_start(meta: SweepMeta, c, study, created_dir: bool) -> None:
         print(f"p2sweep: could not remove {meta.dir} of the failed start: {e}", file=sys.stderr)
 
 
-def run_baselines(spec: SweepSpec, meta: SweepMeta, ref_file: str) -> None:
+def run_baselines(spec: SweepSpec, meta: SweepMeta, ref_file: str, address: str | None = None) -> None:
     if not spec.baselines:
         return
-    from . import baselines
+    from ..record import baselines
     from .driver_tasks import baseline_runner
-    from .tracking import log_baseline
+    from ..tracking.runs import log_baseline
 
     p = meta.paths
     baselines.evaluate(spec.baselines, spec.base, meta.dir, p.cache_dir,
                        tracker=lambda b, cfg, res: log_baseline(p.mlflow_uri, meta.experiment, meta.parent_run_id, b,
                                                                 cfg, res),
-                       run=baseline_runner(spec.base, p.cache_dir, ref_file, spec.cpu, spec.gpu))
-
-
-def spec_of(meta: SweepMeta) -> SweepSpec:
-    """The sweep as it was started (its validated base config and the sweep file's mapping after --set)."""
-    raw = dict(meta.raw)
-    raw.pop("overrides", None)  # already applied to the stored base
-    spec = parse_sweep(raw | {"base": meta.base, "name": meta.name}, meta.sweep_dir)
-    spec.source_yaml = meta.source_yaml
-    return spec
+                       run=baseline_runner(spec.base, p.cache_dir, ref_file, spec.cpu, spec.gpu,
+                                           whole_node=_local(address)))
 
 
 def resume(name: str, storage: str | None, address: str | None, time_budget_s: float | None,
-           retry_errored: bool = False) -> int:
+           retry_errored: bool = False, verbose: bool = False) -> int:
     meta = load_meta(name, storage)
-    ray_env.prepare(address)
+    ray_env.prepare(address)  # before anything imports Ray (the console does)
+    tune_state.pin_utc()
+    quiet_console(verbose)
     spec = spec_of(meta)
     worker_env = ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
-    from .tracking import follow_move
+    # Ray attached and a trial's fit checked before anything is written (the store re-rooted, the run RUNNING)
+    start_ray(spec, address, worker_env)
+    from ..tracking.repair import follow_move
 
     follow_move(meta)
     if spec.algorithm == "optuna":
         from .schedulers import open_study
 
         open_study(meta.paths.optuna_storage, meta.study_name, meta.sweep_id, create=False)
-    from .tracking import Retrying, client
+    from ..tracking.client import Retrying, client
 
     try:
         Retrying(client(meta.paths.mlflow_uri)).update_run(meta.parent_run_id, status="RUNNING")
     except Exception as e:  # MLflow never stops a sweep: `finish` closes the books when it is back
         print(f"p2sweep: MLflow is not reachable ({str(e).splitlines()[0][:200]}); resuming without it",
               file=sys.stderr)
-    ray_env.init_ray(address, worker_env)
     # the statistics the sweep computed are found again (in the storage or the shared cache), not recomputed
-    ref = precompute_reference(spec, meta.paths)
-    run_baselines(spec, meta, ref["path"])  # those already evaluated are skipped
+    ref = precompute_reference(spec, meta.paths, address)
+    run_baselines(spec, meta, ref["path"], address)  # those already evaluated are skipped
     # Tune's tuner.pkl exists from the start, its experiment state only after the first save: without it (the
     # driver died within seconds) Tune's restore would quietly start a one-trial experiment, so start afresh
-    restore = bool(S.glob(meta.dir, "experiment_state-*.json"))
+    restore = bool(S.glob(meta.dir, compat.EXPERIMENT_STATE))
     return _fit(spec, meta, address, time_budget_s, restore=restore, retry_errored=retry_errored,
-                ref_file=ref["path"])
+                ref_file=ref["path"], verbose=verbose)
 
 
-def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta) -> None:
+def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta, verbose: bool = False) -> None:
     """A restored Tuner brings back the tracker, scheduler and searcher pickled in `tuner.pkl` when the sweep started,
     with the paths of that time: point them at where the sweep is now (a moved or copied storage writes its own
     MLflow and Optuna stores, rebuilds ASHA from its own results and puts new trials in its own folder)."""
     from ray.tune.search import SearchGenerator
 
     from .schedulers import GroupASHA, GroupSearcher, RootedSearchGenerator
-    from .tracking import MLflowTracker
+    from ..tracking.callback import MLflowTracker
 
-    inner = getattr(tuner, "_local_tuner", None)  # Ray 2.60: Tuner -> TunerInternal (configs as restored)
+    inner = compat.tuner_internal(tuner)  # Tuner -> TunerInternal (configs as restored)
     if inner is None:
         raise UserError("resume through a Ray Client address (ray://) is not supported: run the driver on the "
                         "cluster (`ray job submit -- p2sweep resume ...`) or attach with HOST:PORT")
-    for cb in inner.get_run_config().callbacks or []:
+    from .console import SweepConsole, with_loggers
+
+    rc, tc = compat.restored_configs(inner)
+    for cb in rc.callbacks or []:
         if isinstance(cb, MLflowTracker):
             cb.uri, cb.exp_dir, cb._runs = meta.paths.mlflow_uri, meta.dir, None
-    tc = inner._tune_config
+    # this command's console (--verbose or not), not the one pickled when the sweep started
+    kept = [cb for cb in rc.callbacks or [] if not isinstance(cb, SweepConsole)]
+    rc.callbacks = with_loggers(kept) + [cb for cb in console_callbacks(spec, verbose)
+                                         if isinstance(cb, SweepConsole)]
+    rc.verbose = 1 if verbose else 0
     if isinstance(tc.scheduler, GroupASHA):
         tc.scheduler.history = functools.partial(R.rung_history, meta.dir, spec.metric)
     searcher = tc.search_alg.searcher if isinstance(tc.search_alg, SearchGenerator) else tc.search_alg
@@ -307,22 +349,24 @@ def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta) -> None:
 
 
 def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool, retry_errored: bool = False,
-         ref_file: str = "") -> int:
+         ref_file: str = "", verbose: bool = False) -> int:
     ray_env.init_ray(address)
     from ray import tune
 
-    from .schedulers import check_versions
-
-    check_versions()
+    compat.check_versions()
     if restore:
         # ERROR trials stay errored unless asked: Tune keeps their failure count, so retrying on every resume would
         # rerun a configuration that fails (out of memory, say) once per --time-budget slice
+        moved = tune_state.set_aside_stale(meta.dir)
+        if moved:
+            print(f"p2sweep: {len(moved)} Tune state file(s) named later than the newest session (another clock or "
+                  f"time zone) moved to {tune_state.STALE}/", file=sys.stderr)
         path, fs = S.ray_storage(meta.dir)
         tuner = tune.Tuner.restore(path, build_trainable(spec, meta.paths, ref_file), resume_unfinished=True,
                                    resume_errored=retry_errored, restart_errored=False, storage_filesystem=fs)
-        repoint_restored(tuner, spec, meta)
+        repoint_restored(tuner, spec, meta, verbose)
     else:
-        tuner = new_tuner(spec, meta, ref_file)
+        tuner = new_tuner(spec, meta, ref_file, verbose)
     interrupted = False
     budget = {"hit": False}
     timer = None
@@ -354,7 +398,7 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
         S.write_text(S.join(meta.dir, STATES), json.dumps(states, indent=1, default=str))
     interrupted = interrupted or any(v["state"] in R.UNFINISHED for v in states.values())
     trials = finish(meta, interrupted)
-    from .table import format_table
+    from ..results.table import format_table
 
     print(format_table(*R.status_rows(trials, spec.metric)))
     p = meta.paths.storage
@@ -369,8 +413,10 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
     on the parent run. Returns the sweep's trials (results.Trial)."""
     from p2core.config import config_from_dict
 
-    from .plots import plot_history
-    from .tracking import Retrying, backfill_artifacts, client, reconcile, set_sweep_view, write_pending
+    from ..results.plots import plot_history
+    from ..tracking.client import Retrying, client
+    from ..tracking.repair import backfill_artifacts, reconcile, write_pending
+    from ..tracking.view import set_sweep_view
 
     trials = R.load_trials(meta.dir, meta.metric)
     states = R.known_states(meta.dir)
@@ -394,7 +440,11 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
                 c.log_artifact(meta.parent_run_id, png)
         exp = c.get_experiment_by_name(meta.experiment)
         if exp is not None:  # the comparison view that `p2sweep ui` opens, also for a tracking server's own UI
-            set_sweep_view(c, exp.experiment_id, meta, trials)
+            try:
+                set_sweep_view(c, exp.experiment_id, meta, trials)
+            except Exception as e:  # the run's state matters more than the view
+                print(f"p2sweep: the MLflow comparison view was not written ({str(e).splitlines()[0][:200]})",
+                      file=sys.stderr)
         # An interrupted sweep (Ctrl-C, --time-budget) is KILLED until `p2sweep resume` reopens it.
         c.set_terminated(meta.parent_run_id, "KILLED" if interrupted or left else "FINISHED")
     except Exception as e:  # the sweep's results are safe in the storage; MLflow catches up on the next resume

@@ -285,3 +285,31 @@ def upload_dir(local: str, path: str) -> str:
     except OSError as e:
         raise _wrap(path, e) from None
     return path
+
+
+def file_sizes(path: str, recursive: bool = False) -> dict:
+    """{path relative to `path` (posix '/'): size in bytes} of the files under `path` (folders left out; empty when
+    it does not exist). One listing, as `listdir`."""
+    import pyarrow.fs as pafs
+
+    fs, p = resolve(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True, recursive=recursive))
+    except OSError as e:
+        raise _wrap(path, e) from None
+    base = p.rstrip("/") + "/"
+    return {i.path[len(base):].replace(os.sep, "/") if i.path.startswith(base) else i.base_name: i.size
+            for i in infos if i.type == pafs.FileType.File}
+
+
+def sync_dir(local: str, path: str, last: tuple = ()) -> str:
+    """Make the folder `path` hold exactly the files of the local folder `local`, never without a whole version:
+    every file is uploaded over the old one (the files named in `last`, e.g. the page that links the others, after
+    the rest), and only then are the old files the new version lacks deleted. (An object store has no folder rename:
+    deleting the old folder first would leave readers nothing, or half a folder, while the upload runs.)"""
+    new = set(file_sizes(local, recursive=True))
+    for rel in sorted(new, key=lambda r: (r in last, r)):
+        upload(os.path.join(local, *rel.split("/")), join(path, *rel.split("/")))  # temp + rename, or one PUT
+    for rel in sorted(set(file_sizes(path, recursive=True)) - new):
+        remove(join(path, *rel.split("/")))
+    return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .table import format_table
+from ..results.table import format_table
 
 
 def _load_cfg(args, path=None):
@@ -26,14 +26,15 @@ def cmd_train(args) -> int:
         raise_user("--resume and --init-from exclude each other")
     from p2core.trainer import Trainer
 
-    trainer = Trainer(cfg, out, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    trainer = Trainer.from_config(cfg, out, resume=args.resume, init_from=args.init_from,
+                                  progress=not args.no_progress)
     print(f"training {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M-parameter UNet on "
           f"{trainer.dataset_key} ({len(trainer.images)} images), device {trainer.device}, output {out}",
           file=sys.stderr)
     result = trainer.run()
-    from p2core.metrics import is_metric_name
+    from p2core.metrics import is_metric_name, split_ema
 
-    ev = {k: round(v, 5) for k, v in result.items() if is_metric_name(k)}
+    ev = {k: round(v, 5) for k, v in result.items() if is_metric_name(split_ema(k)[0])}
     print(f"done: {trainer.images_seen} images; metrics {ev or '(evaluation off)'}; see {out}/metrics.jsonl")
     return 0
 
@@ -110,7 +111,7 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    from p2core.metrics import metric_name
+    from p2core.metrics import metric_name, steps_label
 
     rows = []
     for s in specs:
@@ -118,7 +119,7 @@ def cmd_eval(args) -> int:
         for kind in ("fid", "kid"):
             name = metric_name(kind, cfg.eval.num_samples, s, cfg.eval.extractor)
             row.append(f"{res[name]:.4f}" if name in res else "-")
-        lab = s.replace(",", "-")
+        lab = steps_label(s)
         row.append(f"{res[f'gen_seconds_{lab}'] + res[f'feat_seconds_{lab}']:.1f}")
         rows.append(row)
     pre = "r" if cfg.eval.extractor == "random" else ""

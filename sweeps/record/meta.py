@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 from p2core.errors import UserError
 
-from .storage import is_uri, join, read_text, write_text
+from ..storage.fs import is_uri, join, read_text, write_text
+from ..storage import layout as L
 
 META = "p2sweep.json"
 STATES = "p2sweep_trials.json"
@@ -118,7 +119,7 @@ def _follow_move(data: dict, root: str) -> None:
                         "live in a bucket: use it where it was written")
     for k in ("mlflow_uri", "optuna_storage", "cache_dir"):
         v = data["paths"][k]
-        for prefix in ("sqlite:///", ""):
+        for prefix in (L.SQLITE, ""):
             if v.startswith(prefix + old + "/") or v == prefix + old:
                 data["paths"][k] = prefix + root + v[len(prefix + old):]
                 break

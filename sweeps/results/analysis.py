@@ -11,12 +11,14 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from p2core.metrics import is_metric_name, parse_metric_name
+from p2core.metrics import family_of, parse_metric_name, split_ema, steps_from_label
+from p2core.weighting import SNR_PHASE_NAMES
 
-from .results import Trial, read_results
+from ..record.replicate import trial_config
+from .trials import Trial, read_results
 
 GAMMA, K, SCHEDULE = "diffusion.p2_gamma", "diffusion.p2_k", "diffusion.noise_schedule"
-PHASE_NAMES = ("coarse", "content", "cleanup")  # p2core.trainer.PHASES: SNR < 1e-2, 1e-2..1, > 1
+PHASE_NAMES = SNR_PHASE_NAMES  # the trainer logs loss_<name> for each (p2core.weighting.SNR_PHASES)
 
 
 def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
@@ -49,6 +51,7 @@ class Comparison:
     high: float
     seeds_expected: int = 0
     nonfinite: int = 0   # seeds of either arm whose value at this point was NaN/inf (diverged): not paired
+    baseline_metric: str = ""  # the baseline's metric where it differs from the arm's (each at its own best EMA)
 
     @property
     def n(self) -> int:
@@ -59,8 +62,13 @@ class Comparison:
         return self.n >= 2 and math.isfinite(self.low) and (self.low > 0 or self.high < 0)
 
     def sentence(self, arm_label: str, lower_is_better: bool = True) -> str:
-        kind, n, spec = parse_metric_name(self.metric)
-        what = f"{kind.upper()}-{n} ({spec})"
+        plain, ema = split_ema(self.metric)
+        kind, n, spec = parse_metric_name(plain)
+        if self.baseline_metric and self.baseline_metric != self.metric:
+            what = (f"{kind.upper()}-{n} ({spec}; each at its own best EMA: {ema_words(self.metric)} against the "
+                    f"baseline's {ema_words(self.baseline_metric)})")
+        else:
+            what = f"{kind.upper()}-{n} ({spec}" + ("" if ema is None else f", EMA sigma_rel {ema:g}") + ")"
         if self.n < 2:
             return (f"{arm_label}: {what} {self.diff:+.3g} against the baseline with {self.n} paired seed at "
                     f"{self.images_seen:,} images: no interval (at least 2 seeds are needed)")
@@ -82,10 +90,8 @@ class Comparison:
 
 
 def group_key(t: Trial):
-    """A trial's configuration: its group, or its values when it carries none (as `results.group_rows` does)."""
-    import json
-
-    return t.group if t.group >= 0 else json.dumps(t.params, sort_keys=True, default=str)
+    """A trial's configuration: its group, or its values when it carries none (`Trial.config_key`, as the ranking)."""
+    return t.config_key
 
 
 def groups_of(trials: list[Trial]) -> dict:
@@ -109,13 +115,12 @@ def baseline_of(params: dict, all_params: dict) -> int | None:
 
 
 def arm_label(params: dict, base: dict) -> str:
-    """'P2 gamma=1, k=1, linear' / 'baseline (gamma=0), cosine', then any other swept value."""
-    d = base.get("diffusion", {})
-    gamma = float(params.get(GAMMA, d.get("p2_gamma", 0.0)))
-    k = float(params.get(K, d.get("p2_k", 1.0)))
-    sched = params.get(SCHEDULE, d.get("noise_schedule", ""))
-    if d.get("weighting", "p2") != "p2" and GAMMA not in params:
-        head = str(d.get("weighting"))
+    """'P2 gamma=1, k=1, linear' / 'baseline (gamma=0), cosine', then any other swept value (`base`: the sweep's
+    base config; the arm's own validated config gives what `params` does not set)."""
+    d = trial_config(base, params).diffusion
+    gamma, k, sched = d.p2_gamma, d.p2_k, d.noise_schedule
+    if d.weighting != "p2" and GAMMA not in params:
+        head = d.weighting
     else:
         head = "baseline (gamma=0)" if gamma == 0 else f"P2 gamma={gamma:g}, k={k:g}"
     rest = [f"{k_.split('.')[-1]}={v}" for k_, v in sorted(params.items()) if k_ not in (GAMMA, K, SCHEDULE)]
@@ -124,10 +129,7 @@ def arm_label(params: dict, base: dict) -> str:
 
 def family(trials: list[Trial], metric: str) -> list[str]:
     """The metric names of the sweep metric's family (same kind and sample count: one per sampling spec)."""
-    kind, n, _ = parse_metric_name(metric)
-    names = {k for t in trials for ev in t.points.values() for k in ev
-             if is_metric_name(k) and parse_metric_name(k)[:2] == (kind, n)}
-    return sorted(names, key=lambda k: (k != metric, k))
+    return family_of((k for t in trials for ev in t.points.values() for k in ev), metric)
 
 
 def curve(trials: list[Trial], name: str) -> list[dict]:
@@ -148,11 +150,18 @@ def curve(trials: list[Trial], name: str) -> list[dict]:
     return out
 
 
+def ema_words(name: str) -> str:
+    e = split_ema(name)[1]
+    return "the tracked EMA" if e is None else f"EMA sigma_rel {e:g}"
+
+
 def compare(arm_trials: list[Trial], base_trials: list[Trial], name: str, arm, base,
-            seeds_expected: int = 0) -> list[Comparison]:
-    """One paired comparison per point in training where both arms have `name` for at least one shared seed."""
+            seeds_expected: int = 0, base_name: str | None = None) -> list[Comparison]:
+    """One paired comparison per point in training where both arms have `name` (the baseline: `base_name`, default
+    the same) for at least one shared seed."""
+    bn = base_name or name
     a = {(t.seed, p): ev[name] for t in arm_trials for p, ev in t.points.items() if name in ev}
-    b = {(t.seed, p): ev[name] for t in base_trials for p, ev in t.points.items() if name in ev}
+    b = {(t.seed, p): ev[bn] for t in base_trials for p, ev in t.points.items() if bn in ev}
     out = []
     for p in sorted({p for _, p in a} & {p for _, p in b}):
         shared = sorted(s for s, q in a if q == p and (s, p) in b)
@@ -162,7 +171,46 @@ def compare(arm_trials: list[Trial], base_trials: list[Trial], name: str, arm, b
             continue
         av, bv = [a[s, p] for s in seeds], [b[s, p] for s in seeds]
         m, lo, hi = t_interval([x - y for x, y in zip(av, bv)]) if seeds else (math.nan,) * 3
-        out.append(Comparison(name, arm, base, p, seeds, av, bv, m, lo, hi, seeds_expected, bad))
+        out.append(Comparison(name, arm, base, p, seeds, av, bv, m, lo, hi, seeds_expected, bad,
+                              "" if bn == name else bn))
+    return out
+
+
+def headline(comps: list[Comparison]) -> Comparison | None:
+    """The comparison a sentence leads with: the point with the most paired seeds, the latest on a tie."""
+    return max(comps, key=lambda c: (c.n, c.images_seen), default=None)
+
+
+def verdict(c: Comparison | None) -> str:
+    if c is None or c.n < 2 or c.nonfinite or not math.isfinite(c.low):  # as the sentence: a NaN seed withholds it
+        return "no verdict"
+    return "better" if c.high < 0 else "worse" if c.low > 0 else "not distinguishable"
+
+
+def own_best_ema(arm_trials: list[Trial], base_trials: list[Trial], names: list[str], mean_of, arm, base,
+                 seeds_expected: int = 0) -> list[dict]:
+    """For each sampling spec whose metric has post-hoc EMAs among `names`: the arm against its baseline at one
+    common EMA (the tracked one) and with each at its own best EMA (the name of lowest `mean_of(group, name)`, the
+    row mean `best` shows), and whether the verdict (better / worse / not distinguishable) changes. Choosing each
+    arm's minimum is optimistic for both alike."""
+    out = []
+    for plain in sorted({split_ema(n)[0] for n in names if split_ema(n)[1] is not None}):
+        cands = [n for n in names if split_ema(n)[0] == plain]
+        pick = {}
+        for g in (arm, base):
+            have = [(mean_of(g, n), n) for n in cands if mean_of(g, n) is not None and math.isfinite(mean_of(g, n))]
+            if have:
+                pick[g] = min(have)[1]
+        if len(pick) < 2:
+            continue
+        common = headline(compare(arm_trials, base_trials, plain, arm, base, seeds_expected))
+        best = headline(compare(arm_trials, base_trials, pick[arm], arm, base, seeds_expected, base_name=pick[base]))
+        if best is None:
+            continue
+        out.append({"spec_metric": plain, "arm": arm, "baseline": base, "arm_metric": pick[arm],
+                    "baseline_metric": pick[base], "common": common.to_dict() if common else None,
+                    "own_best": best.to_dict(), "common_verdict": verdict(common), "own_best_verdict": verdict(best),
+                    "verdict_changes": verdict(common) != verdict(best)})
     return out
 
 
@@ -183,11 +231,12 @@ class TrialCost:
     wall_seconds: float = 0.0          # Tune's time_total_s along the kept path (work redone after a crash is not)
 
 
-def _steps_of(spec: str) -> int:
-    """Sampling steps of a spec as it appears in result keys ("ddim25", "250", section counts "50-25-25")."""
+def steps_of(spec: str) -> int:
+    """Denoising steps of a sampling spec, as a config or a result key writes it ("ddim25" -> 25, "250" -> 250,
+    section counts "50,25,25" or "50-25-25" -> 100; a reconstructed EMA's "ddim25_ema0.07" costs the same steps)."""
     from p2core.respace import parse_respacing
 
-    s = parse_respacing(spec.replace("-", ","))
+    s = parse_respacing(steps_from_label(split_ema(spec)[0]))
     return int(s[4:]) if s.startswith("ddim") else sum(int(x) for x in s.split(","))
 
 
@@ -209,7 +258,7 @@ def trial_cost(t: Trial, rows: list[dict]) -> TrialCost:
                 continue
             if k.startswith("gen_images_"):
                 c.images_generated += int(v)
-                c.image_steps += int(v) * _steps_of(k[len("gen_images_"):])
+                c.image_steps += int(v) * steps_of(k[len("gen_images_"):])
             elif k.startswith("gen_seconds_"):
                 c.sample_seconds += v
             elif k.startswith("feat_seconds_"):

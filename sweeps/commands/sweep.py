@@ -2,23 +2,23 @@
 Ray is imported only by run/resume, after `ray_env.prepare` has set what Ray must see at import time."""
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 
 from p2core.errors import UserError
 
-from . import results as R
-from . import storage as S
-from .meta import load_meta, storage_root, validate_name
-from .table import format_table
+from .. import compat
+from ..results import trials as R
+from ..storage import fs as S
+from ..storage import layout as L
+from ..record.meta import load_meta, storage_root, validate_name
+from ..results.table import format_table
 
 
 def cmd_run(args) -> int:
     from p2core.config import parse_set
 
-    from .spec import describe, format_duration, load_sweep
+    from ..record.spec import describe, format_duration, load_sweep
 
     sets = parse_set(args.set)
     # --cpus/--gpus are sweep-file keys given on the command line: the same validation applies
@@ -34,18 +34,20 @@ def cmd_run(args) -> int:
         print(describe(spec))
         print(f"  storage: {os.path.join(storage, name)}")
         return 0
-    from .runner import run
+    from ..tune.runner import run
 
-    return run(spec, name, storage, args.address, budget, spec_dir=os.path.dirname(os.path.abspath(args.sweep)))
+    return run(spec, name, storage, args.address, budget, spec_dir=os.path.dirname(os.path.abspath(args.sweep)),
+               verbose=args.verbose)
 
 
 def cmd_resume(args) -> int:
-    from .runner import resume
-    from .spec import format_duration
+    from ..tune.runner import resume
+    from ..record.spec import format_duration
 
     validate_name(args.name, "NAME")
     return resume(args.name, args.storage, args.address,
-                  format_duration(args.time_budget) if args.time_budget else None, retry_errored=args.retry_errored)
+                  format_duration(args.time_budget) if args.time_budget else None, retry_errored=args.retry_errored,
+                  verbose=args.verbose)
 
 
 def _trials(name, storage):
@@ -55,15 +57,14 @@ def _trials(name, storage):
 
 def _baseline_rows(meta):
     """[(baseline name, metric name, value)] for the sweep's metric family (every sampling spec)."""
-    from p2core.metrics import is_metric_name, parse_metric_name
+    from p2core.metrics import same_family
 
-    from .baselines import load_results
+    from ..record.baselines import load_results
 
-    kind, n, _ = parse_metric_name(meta.metric)
     rows = []
     for bname, res in load_results(meta.dir).items():
         for k, v in sorted(res.items()):
-            if is_metric_name(k) and parse_metric_name(k)[:2] == (kind, n):
+            if same_family(k, meta.metric):
                 rows.append((bname, k, v))
     return rows
 
@@ -98,20 +99,27 @@ def cmd_best(args) -> int:
     if not rows:
         raise UserError(f"sweep {args.name!r} has no evaluated trial yet")
     keys = sorted({k for r in rows for k in r.config})
-    header = ["config"] + keys + ["steps", "images", "mean", "std", "seeds", "complete",
-                                  f"checkpoint of its first seed (in {meta.dir})"]
-    table = [[str(r.group)] + [str(r.config.get(k, "-")) for k in keys] +
-             [r.spec, str(r.images_seen), f"{r.mean:.5g}", f"{r.std:.3g}", _seeds_cell(r),
+    emas = any(r.ema is not None for r in rows)
+    header = ["config"] + keys + ["steps"] + (["ema"] if emas else []) + [
+        "images", "mean", "std", "seeds", "complete", f"checkpoint of its first seed (in {meta.dir})"]
+    table = [[str(r.group)] + [str(r.config.get(k, "-")) for k in keys] + [r.spec] + ([r.ema_label] if emas else []) +
+             [str(r.images_seen), f"{r.mean:.5g}", f"{r.std:.3g}", _seeds_cell(r),
               "yes" if r.complete else "no",
               os.path.relpath(r.checkpoints[0], meta.dir) if r.checkpoints and r.checkpoints[0] else "-"]
              for r in rows]
-    print(f"sweep {args.name}: ranked by {meta.metric.split('_')[0]}_<steps> ({args.scope} evaluation, mean over the "
-          f"seeds that reached the same point; complete rows first, rows that lost seeds last)")
+    by = f"{meta.metric.split('_')[0]}_<steps>" + ("[_ema<sigma_rel>]" if emas else "")
+    print(f"sweep {args.name}: ranked by {by} ({args.scope} evaluation, mean over the seeds that reached the same "
+          f"point; complete rows (every seed trained to the end) first, rows that lost seeds last)")
+    if emas:
+        print("ema: `tracked` is the EMA profile evaluated during training; a sigma_rel is that EMA reconstructed post "
+              "hoc from the snapshots; the best row is the minimum over every (steps, ema), an optimistic choice")
     print(format_table(header, table))
     _print_baselines(meta, "baselines (evaluated, not trained; not ranked):")
     best = rows[0]
     note = "" if best.complete else "  (NOT complete: no configuration finished with all its seeds)"
-    print(f"best: {best.config} with steps {best.spec}: {best.mean:.5g} +- {best.std:.3g} over {best.n} seed(s){note}")
+    ema = "" if best.ema is None else f", EMA sigma_rel {best.ema:g}"
+    print(f"best: {best.config} with steps {best.spec}{ema}: {best.mean:.5g} +- {best.std:.3g} over {best.n} "
+          f"seed(s){note}")
     if best.checkpoints and best.checkpoints[0]:
         ck = S.join(best.checkpoints[0], "trainer.pt")
         if S.is_uri(ck):  # sample/eval read local files
@@ -119,18 +127,26 @@ def cmd_best(args) -> int:
                   f"p2sweep sample trainer.pt --steps {best.spec})")
         else:
             print(f"checkpoint: {ck}  (p2sweep sample {ck} --steps {best.spec})")
+    if best.ema is not None and not args.export:
+        print(f"note: the checkpoint holds the tracked EMA; `--export FILE` also writes the EMA of sigma_rel "
+              f"{best.ema:g} (reconstructed from the snapshots) as a bare state_dict")
     if args.export:
         from p2core.atomic import atomic_write_text
 
         atomic_write_text(args.export, R.best_export_yaml(meta, best, trials))
         print(f"exported: {args.export}  (train it: p2sweep train {args.export})")
+        if best.ema is not None:
+            w = R.export_ema_weights(best, trials, R.ema_weights_path(args.export, best))
+            print(f"exported: {w}  (the EMA of sigma_rel {best.ema:g} at {best.images_seen} images, a bare "
+                  f"state_dict with the official P2 key names)")
     return 0
 
 
 def compare_table(sweeps: dict) -> tuple[list, list]:
     """One row per (sweep, configuration): the swept parameters and the metric at each sampling spec as columns
-    ("mean +- std (counted/expected seeds)"), the best configuration first by each sweep's own metric (as the MLflow
-    view `p2sweep ui` opens); then the baseline rows. `sweeps`: {name: (meta, trials)}."""
+    ("mean +- std (counted/expected seeds)"), ranked within its sweep as `best` ranks (`results.config_order`: each
+    configuration by its best row, complete rows first, rows that lost seeds last); then the baseline rows.
+    `sweeps`: {name: (meta, trials)}."""
     keys, names, out, base_rows = [], [], [], []
     for name, (meta, trials) in sweeps.items():
         rows = R.group_rows(trials, meta.metric, meta.max_images, len(meta.seeds))
@@ -142,19 +158,15 @@ def compare_table(sweeps: dict) -> tuple[list, list]:
                 names.append(m)
         by_group: dict = {}
         for r in rows:  # a trial without a group key is its own configuration (as in group_rows)
-            gk = r.group if r.group >= 0 else json.dumps(r.config, sort_keys=True, default=str)
-            by_group.setdefault(gk, {})[r.metric] = r
-        for g, ms in by_group.items():
-            first = next(iter(ms.values()))
-            own = ms.get(meta.metric)
-            key = (own is None or not own.complete, own.mean if own is not None else math.inf)
-            out.append(((list(sweeps).index(name), *key), name, g, first.config, ms))  # ranked within its sweep
+            by_group.setdefault(r.config_key, {})[r.metric] = r
+        for g in R.config_order(rows):  # the one ranking: no tier of its own here
+            ms = by_group[g]
+            out.append((name, g, next(iter(ms.values())).config, ms))
         for bname, m, v in _baseline_rows(meta):
             base_rows.append((name, bname, m, v))
-    out.sort(key=lambda x: x[0])
     header = ["sweep", "config"] + keys + names + ["complete"]
     table = []
-    for _, name, g, config, ms in out:
+    for name, g, config, ms in out:
         cells = []
         for m in names:
             r = ms.get(m)
@@ -168,7 +180,7 @@ def compare_table(sweeps: dict) -> tuple[list, list]:
 
 
 def cmd_compare(args) -> int:
-    from .plots import plot_history
+    from ..results.plots import plot_history
 
     sweeps = {name: _trials(name, args.storage) for name in args.names}
     header, table = compare_table(sweeps)
@@ -186,29 +198,29 @@ def cmd_compare(args) -> int:
 
 
 def _expected_trials(meta) -> int | None:
-    raw = meta.raw or {}
-    search = raw.get("search") or {}
-    n = int(search.get("num_samples", 1) or 1)
-    if search.get("algorithm", "grid") != "optuna":  # Tune expands grid values for random search too
-        for v in (raw.get("space") or {}).values():
-            if isinstance(v, dict) and "grid" in v:
-                n *= len(v["grid"])
-    return n * len(meta.seeds)
+    """How many trials the sweep runs in all (its spec's count); None when the sweep file no longer parses here."""
+    from ..record.spec import spec_of
 
-
-def _provenance(meta) -> dict:
-    """The versions and git commit the sweep ran with (its parent MLflow run), or those of this process."""
     try:
-        from .tracking import client
+        return spec_of(meta).num_trials()
+    except UserError:
+        return None
 
-        p = client(meta.paths.mlflow_uri).get_run(meta.parent_run_id).data.params
+def _provenance(meta, uri: str) -> dict:
+    """The versions and git commit the sweep ran with (its parent MLflow run at `uri`), or those of this process."""
+    try:
+        from ..tracking.client import client
+
+        p = client(uri).get_run(meta.parent_run_id).data.params
         out = {k: v for k, v in p.items() if k.startswith("version.") or k == "git_commit"}
         if out:
             return out
     except Exception as e:
-        print(f"p2sweep: warning: MLflow at {meta.paths.mlflow_uri} not readable ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); "
+        from ..tracking.client import one_line, shown
+
+        print(f"p2sweep: warning: MLflow at {shown(uri)} not readable ({one_line(e, 120)}); "
               "provenance is that of this process", file=sys.stderr)
-    from .runner import provenance
+    from ..tune.runner import provenance
 
     return {**provenance(), "note": "at report time (the sweep's MLflow run was not readable)"}
 
@@ -219,14 +231,18 @@ def cmd_report(args) -> int:
     meta, trials = _trials(args.name, args.storage)
     if not trials:
         raise UserError(f"sweep {args.name!r} has no trial yet: nothing to report")
-    if not args.no_mlflow:
-        from .tracking import follow_move
-
-        follow_move(meta)
+    # read-only: a storage found under another root is not re-rooted here (it may be another machine's mount point
+    # of a folder whose driver still writes it); `resume` and `reroot` do that
     with tempfile.TemporaryDirectory() as tmp:
         if S.is_uri(meta.dir):  # the page embeds the sample grids: read them out of the bucket once
             trials = _local_copies(trials, tmp)
         return _report(args, meta, trials, tmp)
+
+
+def _moved_note(meta) -> str:
+    return (f"the storage moved from {meta.moved_from} and its MLflow database still points there (`p2sweep reroot "
+            f"{meta.name} --storage {meta.paths.storage}` or `p2sweep resume` points it here, once no driver writes "
+            f"it from the old path)")
 
 
 def _local_copies(trials: list, tmp: str) -> list:
@@ -246,37 +262,64 @@ def _local_copies(trials: list, tmp: str) -> list:
 
 
 def _report(args, meta, trials, tmp: str) -> int:
-    from . import report_page
-    from .baselines import load_results
+    from ..results import report_data
+    from ..results import report_page
+    from ..record.baselines import load_results
+    from ..tracking.client import read_only_uri, shown
 
     importance = None
     if (meta.raw.get("search") or {}).get("algorithm") == "optuna":
-        from .schedulers import param_importance
+        from ..tune.schedulers import param_importance
 
+        # the address comes from p2sweep.json, which whoever can write the storage chooses: say it before connecting
+        print(f"p2sweep: reading Optuna at {shown(meta.paths.optuna_storage)} (from p2sweep.json)", file=sys.stderr)
         importance = param_importance(meta.paths.optuna_storage, meta.study_name,
-                                      report_page.MIN_IMPORTANCE_TRIALS)
-    data = report_page.collect(meta, trials, provenance=_provenance(meta), baselines=load_results(meta.dir),
+                                      report_data.MIN_IMPORTANCE_TRIALS)
+    uri = read_only_uri(meta)
+    data = report_data.collect(meta, trials, provenance=_provenance(meta, uri), baselines=load_results(meta.dir),
                                importance=importance, expected_trials=_expected_trials(meta))
     remote = S.is_uri(meta.dir) and not args.out
     out = args.out or (os.path.join(tmp, "report") if remote else os.path.join(meta.dir, "report"))
     paths = report_page.write_report(out, data, trials)
-    if remote:  # written here, then copied into the sweep's folder in the bucket (the old report's files go first)
-        S.remove_tree(S.join(meta.dir, "report"))
-        S.upload_dir(paths["dir"], S.join(meta.dir, "report"))
+    if remote:  # written here, then copied over the bucket's report (the pages last), then its stale files deleted
+        entries = tuple(os.path.relpath(v, paths["dir"]).replace(os.sep, "/") for k, v in paths.items()
+                        if k != "dir" and os.path.isfile(v))
+        S.sync_dir(paths["dir"], S.join(meta.dir, "report"), last=entries)
         paths = {k: S.join(meta.dir, "report", os.path.relpath(v, paths["dir"])) if k != "dir" else v
                  for k, v in paths.items()}
     for c in data["comparisons"]:
         if c["headline"] and c["metric"] == meta.metric:
             print(c["sentence"])
     print(f"report ({data['sweep']['state']}): {paths['html']}  (also report.md, report.json, figures/)")
-    if not args.no_mlflow:
-        try:
-            from .tracking import client
+    if args.no_mlflow:
+        return 0
+    if meta.moved_from and uri == meta.paths.mlflow_uri and L.in_storage(uri, meta.paths.storage):
+        # its runs' artifact locations are under the old root: logging would write there (or fail), so not at all
+        print(f"p2sweep: report not logged to MLflow: {_moved_note(meta)}", file=sys.stderr)
+        return 0
+    from ..tracking.client import client, one_line
 
-            client(meta.paths.mlflow_uri).log_artifacts(meta.parent_run_id, paths["dir"], "report")
-            print(f"logged to MLflow run {meta.parent_run_id} under report/")
-        except Exception as e:
-            print(f"p2sweep: warning: report not logged to MLflow ({(str(e).splitlines() or [type(e).__name__])[0][:160]})", file=sys.stderr)
+    try:
+        client(uri).log_artifacts(meta.parent_run_id, paths["dir"], "report")
+        print(f"logged to MLflow run {meta.parent_run_id} under report/")
+    except Exception as e:
+        print(f"p2sweep: warning: report not logged to MLflow ({one_line(e)})", file=sys.stderr)
+    return 0
+
+
+def cmd_reroot(args) -> int:
+    """`p2sweep reroot NAME --storage S`: point a moved or copied storage's own MLflow database at where it is now
+    and record the new root in its `p2sweep.json` (what `resume` does first). Never while a driver still writes the
+    sweep from the old path (another machine's mount point of the same folder)."""
+    from ..tracking.repair import follow_move
+
+    meta = load_meta(validate_name(args.name, "NAME"), args.storage)
+    if not meta.moved_from:
+        print(f"p2sweep: sweep {args.name} is where p2sweep.json says ({meta.paths.storage}): nothing to re-root")
+        return 0
+    old = meta.moved_from
+    follow_move(meta)
+    print(f"sweep {args.name}: re-rooted from {old} to {meta.paths.storage}")
     return 0
 
 
@@ -284,40 +327,42 @@ def cmd_ui(args) -> int:
     import shutil
     import subprocess
 
-    from .ray_env import privacy_env
+    from ..tune.ray_env import privacy_env
 
     privacy_env()  # before MLflow is imported: its telemetry is on by default
     storage = storage_root(args.storage)
-    uri = "sqlite:///" + os.path.join(storage, "mlflow.db")
+    uri = L.mlflow_db_uri(storage)
     exp_path = ""
     if args.name:
+        # read-only: no re-rooting of a moved storage and no view written (`run`/`resume` write the view at the end)
         meta = load_meta(args.name, args.storage)
-        from .tracking import client, follow_move, set_sweep_view
+        from ..tracking.client import client, is_http, one_line, read_only_uri, shown
+        from ..tracking.view import VIEW_KEY
 
-        follow_move(meta)
-        uri = meta.paths.mlflow_uri
-
-        c = client(uri)
-        exp = c.get_experiment_by_name(meta.experiment)
+        uri = read_only_uri(meta)
+        if L.sqlite_file(uri) and not os.path.isfile(L.sqlite_file(uri)):  # MLflow would create one
+            raise UserError(f"sweep {args.name}: no MLflow database at {L.sqlite_file(uri)}")
+        if meta.moved_from and uri == meta.paths.mlflow_uri and L.in_storage(uri, meta.paths.storage):
+            print(f"p2sweep: note: artifacts may not show: {_moved_note(meta)}", file=sys.stderr)
+        try:
+            exp = client(uri).get_experiment_by_name(meta.experiment)
+        except Exception as e:  # the address still answers a browser later, or says why
+            exp = None
+            print(f"p2sweep: warning: MLflow at {shown(uri)} not readable ({one_line(e)})",
+                  file=sys.stderr)
         if exp is not None:
-            exp_path = f"#/experiments/{exp.experiment_id}/runs"
-            try:
-                exp_path = set_sweep_view(c, exp.experiment_id, meta, R.load_trials(meta.dir, meta.metric))
-            except Exception as e:  # the plain runs page still works
-                print(f"p2sweep: warning: comparison view not written ({(str(e).splitlines() or [type(e).__name__])[0][:160]})",
-                      file=sys.stderr)
-        if uri.startswith(("http://", "https://")):  # the sweep tracks to a server: its own UI is the UI
-            print(f"MLflow UI of this sweep (its tracking server): {uri.rstrip('/')}/{exp_path}")
+            shared = compat.shared_view_tag(VIEW_KEY) in (exp.tags or {})
+            exp_path = compat.runs_page(exp.experiment_id, VIEW_KEY if shared else "")
+        if is_http(uri):  # the sweep tracks to a server: its own UI is the UI
+            print(f"MLflow UI of this sweep (its tracking server): {shown(uri).rstrip('/')}/{exp_path}")
             return 0
-    elif not os.path.exists(os.path.join(storage, "mlflow.db")):
+    elif not os.path.exists(os.path.join(storage, L.MLFLOW_DB)):
         raise UserError(f"no MLflow database in {storage}")
-    from .tracking import artifact_root
-
     mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     print(f"MLflow UI: http://{args.host}:{args.port}/{exp_path}   (Ctrl-C stops it)")
     cmd = [mlflow_bin, "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-           "--default-artifact-root", artifact_root(uri) or S.join(storage, "mlartifacts")]
+           "--default-artifact-root", L.artifact_root(uri) or S.join(storage, L.ARTIFACTS)]
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

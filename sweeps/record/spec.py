@@ -11,14 +11,15 @@
       model.num_res_blocks: {randint: [1, 3]}    # inclusive
     search: {algorithm: grid|random|optuna, num_samples: 1, max_concurrent: 0, seed: 0}
     scheduler: {type: asha|none, grace_period_images: 2000, max_images: 0, reduction_factor: 3,
-                rung_metrics: [kid1k_ddim10]}   # multi-fidelity: rung k's own (cheaper) metric; the rest use `metric`
+                rung_metrics: [kid1k_ddim10],   # multi-fidelity: rung k's own (cheaper) metric; the rest use `metric`
+                ema_rule: tracked}  # or best: judged on the EMA (eval.ema_sigma_rels) of lowest mean over the seeds
     seeds: [0]                          # replicates: every configuration runs once per seed (train.seed), same values
     resources: {cpu: 1, gpu: 0}
     max_failures: 1
     storage: ""                         # default $P2SWEEP_STORAGE or ~/p2sweep
     tracking: {mlflow_uri: "", optuna_storage: "", cache_dir: "",
                s3_endpoint_url: "", s3_region: ""}   # object storage: used where AWS_ENDPOINT_URL_S3/AWS_REGION are unset
-    baselines: [{name: official, checkpoint: ema.pt, overrides: {}}]   # evaluated, not trained (sweeps/baselines.py)
+    baselines: [{name: official, checkpoint: ema.pt, overrides: {}}]   # evaluated, not trained (sweeps/record/baselines.py)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from p2core.errors import UserError
 
 from .baselines import parse_baselines
 from .meta import validate_name
+from .replicate import SEED_KEY
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 TOP_KEYS = {"name", "base", "overrides", "metric", "mode", "space", "search", "scheduler", "seeds", "resources",
@@ -52,6 +54,7 @@ class SweepSpec:
     max_images: int = 0
     reduction_factor: int = 3
     rung_metrics: list = field(default_factory=list)  # metric of rung 1, 2, ... (milestones); later rungs: `metric`
+    ema_rule: str = "tracked"  # which EMA judges a configuration at a rung: tracked | best (lowest mean over seeds)
     seeds: list = field(default_factory=lambda: [0])
     cpu: float = 1.0
     gpu: float = 0.0
@@ -125,7 +128,7 @@ def parse_space(raw, base_flat: dict) -> dict:
     for key, spec in raw.items():
         k = f"space.{key}"
         _need(key in base_flat, k, "not a training config key (use dotted paths like diffusion.p2_gamma)")
-        _need(key != "train.seed", k, "use the top-level `seeds:` list for replicates")
+        _need(key != SEED_KEY, k, "use the top-level `seeds:` list for replicates")
         _need(isinstance(spec, dict) and len(spec) == 1, k, f"expected one of {{{', '.join(KINDS)}}}: VALUES")
         kind, vals = next(iter(spec.items()))
         _need(kind in KINDS, k, f"unknown value kind {kind!r} (expected {', '.join(KINDS)})")
@@ -182,11 +185,8 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     except UserError as e:
         raise UserError(f"base config: {e}") from None
     # from here on the sweep works from the validated config (every default filled in), never the raw mapping
-    from p2core.metrics import canonical_metric_name
-
-    metric = canonical_metric_name(metric)  # the evaluator's spelling: kid1000_ddim25 -> kid1k_ddim25
+    metric = cfg.metric  # validated: the evaluator's spelling (kid1000_ddim25 -> kid1k_ddim25)
     base = cfg.to_dict()
-    base["metric"] = metric
     _need(cfg.eval.enabled, "base.eval.enabled", "a sweep needs evaluation")
     _need(raw.get("mode", "min") == "min", "mode", "only min is supported (FID/KID: lower is better)")
     space = parse_space(raw.get("space"), flatten(cfg.to_dict()))
@@ -209,8 +209,16 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     sch = raw.get("scheduler") or {}
     _need(isinstance(sch, dict), "scheduler", "expected a mapping")
     for k in sch:
-        _need(k in ("type", "grace_period_images", "max_images", "reduction_factor", "rung_metrics"),
+        _need(k in ("type", "grace_period_images", "max_images", "reduction_factor", "rung_metrics", "ema_rule"),
               f"scheduler.{k}", "unknown key")
+    ema_rule = sch.get("ema_rule", "tracked")
+    _need(ema_rule in ("tracked", "best"), "scheduler.ema_rule", f"unknown rule {ema_rule!r} (tracked or best)")
+    if ema_rule == "best":
+        _need(bool(cfg.eval.ema_sigma_rels), "scheduler.ema_rule",
+              "best needs eval.ema_sigma_rels in the base config (the post-hoc EMAs to choose from)")
+        swept = [k for k in space if k == "eval.ema_sigma_rels" or k.startswith("train.ema")]
+        _need(not swept, "scheduler.ema_rule", f"best cannot be combined with a searched {', '.join(swept)} "
+              "(configurations would choose among different EMAs)")
     stype = sch.get("type", "asha")
     _need(stype in ("asha", "none"), "scheduler.type", f"unknown scheduler {stype!r} (asha or none)")
     max_images = int(sch.get("max_images") or cfg.train.total_images)
@@ -238,7 +246,7 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
             # one training step must not cross a cheap rung and the next point: one report would answer both
             _need(nxt - r >= cfg.train.batch_size, "scheduler.rung_metrics",
                   f"{m} at rung {r}: the next rung ({nxt}) is less than one batch ({cfg.train.batch_size}) away")
-        from p2core.metrics import check_metric_producible
+        from p2core.metrics import canonical_metric_name, check_metric_producible
 
         for m in rung_metrics:
             try:
@@ -285,7 +293,7 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     return SweepSpec(name=name, base=base, metric=metric, space=space, algorithm=algo, num_samples=ns,
                      max_concurrent=mc, search_seed=sseed, scheduler=stype,
                      grace_period_images=grace, max_images=max_images, reduction_factor=rf,
-                     rung_metrics=list(rung_metrics), seeds=seeds, cpu=cpu,
+                     rung_metrics=list(rung_metrics), ema_rule=ema_rule, seeds=seeds, cpu=cpu,
                      gpu=gpu, max_failures=mf, storage=str(raw.get("storage") or ""),
                      mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
                      cache_dir=str(tr.get("cache_dir") or ""), s3_endpoint_url=ep,
@@ -349,3 +357,10 @@ def format_duration(s: str) -> float:
         raise UserError(f"--time-budget {s!r}: expected e.g. 45m or 2h") from None
 
 
+def spec_of(meta) -> SweepSpec:
+    """The sweep as it was started (its validated base config and the sweep file's mapping after --set)."""
+    raw = dict(meta.raw)
+    raw.pop("overrides", None)  # already applied to the stored base
+    spec = parse_sweep(raw | {"base": meta.base, "name": meta.name}, meta.sweep_dir)
+    spec.source_yaml = meta.source_yaml
+    return spec

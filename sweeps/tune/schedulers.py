@@ -1,5 +1,6 @@
 """The sweep's scheduler and searcher for Ray Tune, built for replicate seeds. The one module that knows how Tune
-drives schedulers/searchers and how an Optuna trial is reopened by id; tested without a Ray session.
+drives schedulers/searchers (the private parts it relies on, such as reopening an Optuna trial by id, are in
+sweeps/compat.py); tested without a Ray session.
 
 Replicates: every configuration runs once per seed (`seeds:`), all seeds with the same values, whatever the search
 (grid, random, Optuna). A configuration is a *group*; its trials carry `p2sweep_group` in their config.
@@ -15,43 +16,36 @@ Replicates: every configuration runs once per seed (`seeds:`), all seeds with th
   best 1/reduction_factor of the group means recorded at that rung before it. The decision is made when the last
   seed reaches the rung; seeds that got there first train on meanwhile and are stopped at their next report if the
   group is stopped. Ray does not save scheduler state: the rung records are rebuilt from the trials' results.
-  Values are each report's `rung_score` (sweeps/report.py): with multi-fidelity rungs a low rung compares its own
-  cheaper metric, the same for every trial at that rung.
+  Values are each report's `rung_score` (sweeps/record/trial_report.py): with multi-fidelity rungs a low rung
+  compares its own cheaper metric, the same for every trial at that rung. Each decision made live is one INFO line of the logger
+  `p2sweep.asha` (the sweep's console); decisions rebuilt on resume are not printed again (one line says how many).
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import pickle
 import warnings
 
 import numpy as np
-import ray
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import SearchGenerator, Searcher
 
 from p2core.errors import UserError
 
-from .report import GROUP_KEY, RUNG_SCORE, TrialReport, finite_or_inf
+from .. import compat
+from ..record.replicate import Replicate
+from ..record.trial_report import RUNG_METRIC, RUNG_SCORE, TrialReport, finite_or_inf, group_choice, group_score
 
-TESTED_RAY = ("2.60.",)
-TESTED_OPTUNA = ("5.0.",)
+check_versions, TESTED_RAY, TESTED_OPTUNA = compat.check_versions, compat.TESTED_RAY, compat.TESTED_OPTUNA  # old names
+
 _BIG = 1e300  # stands for +inf inside percentiles (np.percentile turns inf into nan when it interpolates)
-
-
-def check_versions() -> None:
-    """Warn when Ray or Optuna differ from the versions whose scheduler/searcher protocol this module was tested on."""
-    import optuna
-
-    for name, have, tested in (("ray", ray.__version__, TESTED_RAY), ("optuna", optuna.__version__, TESTED_OPTUNA)):
-        if not have.startswith(tested):
-            warnings.warn(f"p2sweep's scheduler/searcher were tested with {name} {tested[0]}x, found {have}",
-                          stacklevel=2)
+log = logging.getLogger("p2sweep.asha")
 
 
 def group_of(trial_or_config) -> int:
-    cfg = getattr(trial_or_config, "config", trial_or_config)
-    return int(cfg.get(GROUP_KEY, -1))
+    return Replicate.of(getattr(trial_or_config, "config", trial_or_config)).group
 
 
 # -- the scheduler -----------------------------------------------------------------------------------------------
@@ -61,21 +55,23 @@ def _restore_state(obj, state: dict) -> None:
     sweep resumed after an upgrade) declared the sweep metric to Tune: it becomes `sweep_metric`, Tune's is rung_score."""
     obj.__dict__.update(state)
     if "sweep_metric" not in state:
-        obj.sweep_metric = state.get("_metric")
-        obj._metric = RUNG_SCORE
+        obj.sweep_metric = state.get(compat.PICKLED_METRIC)
+        compat.set_declared_metric(obj, RUNG_SCORE)
 
 
 class GroupASHA(FIFOScheduler):
     """ASHA over groups of seeds. `milestones`: rungs in images below max_images; `history`: a picklable callable
-    returning [(trial_id, group, images_seen, value, ended)] in report order (to rebuild the rungs on resume;
-    `ended`: the seed diverged or raised; images_seen None when the row only says so)."""
+    returning [(trial_id, group, images_seen, value, ended)] in the order things happened (to rebuild the rungs on
+    resume; `ended`: the seed diverged or raised; images_seen None when the row only says so: the seed raised out of
+    retries then). A seed that reports again (an errored one retried by `resume --retry-errored`) is no longer
+    ended: the decisions made while it counted as +inf stay, the rungs still open wait for it."""
 
     def __init__(self, metric: str, milestones, reduction_factor: float, seeds_per_group: int,
                  time_attr: str = "images_seen", history=None):
         super().__init__()
         # Tune checks that every result holds the scheduler's metric: rung_score is in every report, the sweep
         # metric is not (a low rung of a multi-fidelity sweep computes only its own metric)
-        self._metric, self._mode = RUNG_SCORE, "min"
+        compat.set_declared_metric(self, RUNG_SCORE, "min")
         self.sweep_metric = metric
         self.milestones = sorted(int(m) for m in milestones)
         self.rf = float(reduction_factor)
@@ -88,8 +84,11 @@ class GroupASHA(FIFOScheduler):
         self.rung_means: dict = {m: {} for m in self.milestones}  # milestone -> {group: mean}, in decision order
         self.values: dict = {}        # (milestone, group) -> {trial_id: value}
         self.ended: dict = {}         # group -> {trial_id}: seeds that diverged or raised (count as +inf later on)
+        self.raised: dict = {}        # group -> {trial_id}: those of `ended` that raised (Tune may retry them)
         self.stopped: dict = {}       # group -> milestone at which the group was stopped
         self.trials: dict = {}        # group -> {trial_id: Trial} (live objects; their status tells ERROR)
+        self.rung_names: dict = {}    # milestone -> the metric its values are (the reports' rung_metric)
+        self._replaying = False       # rebuilding from history: decisions made then were printed when made live
         self._seeded = self.history is None
 
     def __getstate__(self):
@@ -103,19 +102,25 @@ class GroupASHA(FIFOScheduler):
 
     def __setstate__(self, state):
         _restore_state(self, state)
+        for k, v in (("raised", {}), ("rung_names", {}), ("_replaying", False)):  # pickled by an older p2sweep
+            self.__dict__.setdefault(k, v)
 
     def on_trial_add(self, tune_controller, trial):
         self._seed()
-        self.trials.setdefault(group_of(trial), {})[trial.trial_id] = trial
+        g = group_of(trial)
+        self.trials.setdefault(g, {})[trial.trial_id] = trial
+        if trial.trial_id in self.raised.get(g, set()) and getattr(trial, "status", None) != "ERROR":
+            self._back(trial.trial_id, g)  # Tune runs an errored trial again (`resume --retry-errored`)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._seed()
         g = group_of(trial)
         self.trials.setdefault(g, {})[trial.trial_id] = trial
-        if result.get("diverged"):
-            self.ended.setdefault(g, set()).add(trial.trial_id)
         value = result.get(RUNG_SCORE, result.get(self.sweep_metric))  # results of older versions: the metric
-        self.record(trial.trial_id, g, result.get(self.time_attr), value)
+        if result.get("rung_candidates"):  # scheduler.ema_rule best
+            value = TrialReport.from_result(self.sweep_metric, result).judged
+        self._report(trial.trial_id, g, result.get(self.time_attr), value, bool(result.get("diverged")),
+                     str(result.get(RUNG_METRIC) or ""))
         return TrialScheduler.STOP if g in self.stopped else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict):
@@ -126,23 +131,45 @@ class GroupASHA(FIFOScheduler):
 
     def on_trial_error(self, tune_controller, trial):
         # Tune calls this for every failure, retried or not; only a trial out of retries ends its seed
-        # (num_failures is already counted when this runs: tune_controller._process_trial_failure)
-        if not trial.should_recover():
-            g = group_of(trial)
-            self.ended.setdefault(g, set()).add(trial.trial_id)
-            self.decide(g)
+        # (num_failures is already counted when this runs: compat.out_of_retries)
+        if compat.out_of_retries(trial):
+            self._raise(trial.trial_id, group_of(trial))
 
     def debug_string(self) -> str:
         return f"GroupASHA: rungs {self.milestones}, stopped groups {sorted(self.stopped)}"
 
-    # the algorithm (pure bookkeeping; the tests drive it with fake trials)
-    def record(self, trial_id: str, group: int, images_seen, value) -> None:
+    # the algorithm (pure bookkeeping; the tests drive it with fake trials). Live hooks and the rebuild from history
+    # share _report/_raise, so that a resumed sweep's rungs come out as the live scheduler made them
+    def _report(self, trial_id: str, group: int, images_seen, value, diverged: bool, metric_name: str = "") -> None:
+        if diverged:
+            self.ended.setdefault(group, set()).add(trial_id)
+        elif images_seen is not None:
+            self._back(trial_id, group)  # reporting again: training again (an errored seed retried)
+        self.record(trial_id, group, images_seen, value, metric_name)
+
+    def _raise(self, trial_id: str, group: int) -> None:
+        """The seed raised out of retries: +inf at every rung it had not reached; decided now (as Tune reports it)."""
+        self.ended.setdefault(group, set()).add(trial_id)
+        self.raised.setdefault(group, set()).add(trial_id)
+        self.decide(group)
+
+    def _back(self, trial_id: str, group: int) -> None:
+        # a retried seed leaves `ended`: rungs decided while it counted as +inf stay decided (decide skips them),
+        # the open ones wait for its value
+        self.ended.get(group, set()).discard(trial_id)
+        self.raised.get(group, set()).discard(trial_id)
+
+    def record(self, trial_id: str, group: int, images_seen, value, metric_name: str = "") -> None:
         if images_seen is None:
             return
-        v, _ = finite_or_inf(value)
+        v = value if isinstance(value, dict) else finite_or_inf(value)[0]
         for m in self.milestones:
             if m <= images_seen:
-                self.values.setdefault((m, group), {}).setdefault(trial_id, v)
+                vals = self.values.setdefault((m, group), {})
+                if trial_id not in vals:
+                    vals[trial_id] = v
+                    if metric_name and (m == images_seen or m not in self.rung_names):
+                        self.rung_names[m] = metric_name  # a report made at the rung itself names its metric
         self.decide(group)
 
     def _ended(self, group: int) -> set:
@@ -160,13 +187,27 @@ class GroupASHA(FIFOScheduler):
             gone = [tid for tid in self._ended(group) if tid not in vals]
             if len(vals) + len(gone) < self.n_seeds:
                 return  # wait for the other seeds to reach this rung
-            allv = list(vals.values()) + [math.inf] * len(gone)
-            mean = float(np.mean(allv)) if all(math.isfinite(x) for x in allv) else math.inf
+            mean, ema = group_choice(list(vals.values()) + [math.inf] * len(gone))
             prev = [min(x, _BIG) for x in self.rung_means[m].values()]
             cutoff = float(np.percentile(prev, 100.0 / self.rf)) if prev else None
             self.rung_means[m][group] = mean
-            if not math.isfinite(mean) or (cutoff is not None and mean > cutoff):
+            stop = not math.isfinite(mean) or (cutoff is not None and mean > cutoff)
+            if stop:
                 self.stopped[group] = m
+            if not self._replaying:
+                log.info(self.decision_line(group, m, mean, cutoff, stop, ema))
+
+    def decision_line(self, group: int, m: int, mean: float, cutoff, stop: bool, ema: str | None = None) -> str:
+        """'configuration 2 stopped at 2,528 images: kid64_ddim10 0.31 vs cutoff 0.27' (or 'continues ...'); with
+        scheduler.ema_rule best the EMA it was judged on follows the metric ('kid64_ddim10 (EMA 0.05) 0.31')."""
+        num = lambda x: "inf" if x >= _BIG else f"{x:.4g}"
+        which = f" (EMA {ema})" if ema else ""
+        head = (f"configuration {group} {'stopped' if stop else 'continues'} at {m:,} images: "
+                f"{self.rung_names.get(m) or 'rung score'}{which} {num(mean)}")
+        why = " (a seed diverged, raised or was not finite)" if not math.isfinite(mean) else ""
+        if cutoff is None:
+            return head + why + " (first at this rung)"
+        return head + why + (f" vs cutoff {num(cutoff)}" if stop else f" (cutoff {num(cutoff)})")
 
     def _seed(self) -> None:
         """Rebuild the rung records from the results so far (a resumed sweep), once."""
@@ -178,10 +219,21 @@ class GroupASHA(FIFOScheduler):
         except Exception as e:  # never into Tune's restore (it would silently restart the experiment)
             warnings.warn(f"GroupASHA: could not rebuild the rung records ({e}); judging new results only")
             return
-        for tid, g, imgs, value, ended in history:
-            if ended:  # diverged, or raised out of retries
-                self.ended.setdefault(g, set()).add(tid)
-            self.record(tid, g, imgs, value)
+        before = sum(len(x) for x in self.rung_means.values())
+        self._replaying = True
+        try:
+            for tid, g, imgs, value, ended in history:
+                if imgs is None:  # raised out of retries, at this point of the history
+                    if ended:
+                        self._raise(tid, g)
+                else:
+                    self._report(tid, g, imgs, value, bool(ended))
+        finally:
+            self._replaying = False
+        made = sum(len(x) for x in self.rung_means.values()) - before
+        if history:
+            log.info(f"ASHA rebuilt from {sum(r[2] is not None for r in history)} earlier report(s): {made} rung "
+                     f"decision(s), not printed again; configuration(s) stopped: {sorted(self.stopped) or 'none'}")
 
 
 # -- the searcher ------------------------------------------------------------------------------------------------
@@ -355,7 +407,7 @@ class GroupSearcher(Searcher):
             self.queue = [(g, s) for s in self.seeds]
         g, seed = self.queue.pop(0)
         self.trial_group[trial_id] = (g, seed)
-        return {**self.groups[g]["params"], "train.seed": seed, GROUP_KEY: g}
+        return Replicate(group=g, seed=seed, params=self.groups[g]["params"]).config()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self.trial_group:
@@ -369,12 +421,10 @@ class GroupSearcher(Searcher):
             return
         rep = TrialReport.from_result(self.sweep_metric, result)
         step = rep.images_seen
-        grp["steps"].setdefault(step, {})[seed] = rep.rung_value  # intermediate values: the rung's own metric
+        grp["steps"].setdefault(step, {})[seed] = rep.judged  # intermediate values: the rung's own metric
         if len(grp["steps"][step]) == len(self.seeds) and step not in grp["reported"]:
             grp["reported"].append(step)
-            vals = list(grp["steps"][step].values())
-            mean = float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.inf
-            self._report(grp["optuna"], mean, step)
+            self._report(grp["optuna"], group_score(grp["steps"][step].values()), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.trial_group:
@@ -387,8 +437,10 @@ class GroupSearcher(Searcher):
             grp["outcomes"][seed] = ("error", None)
         else:
             rep = TrialReport.from_result(self.sweep_metric, result)
-            if rep.final:
-                value = math.inf if rep.value is None else rep.value  # the final point always has the sweep metric
+            if rep.final:  # the final point always has the sweep metric (its EMA candidates with ema_rule best)
+                # with EMA candidates a NaN of the tracked EMA alone is not a failure: the other EMAs still count
+                value = (rep.judged if rep.rung_candidates and not rep.diverged else
+                         math.inf if rep.failed_value or rep.value is None else rep.value)
                 grp["outcomes"][seed] = ("diverged" if rep.failed_value else "complete", value)
             else:
                 grp["outcomes"][seed] = ("stopped", rep.value)
@@ -405,8 +457,7 @@ class GroupSearcher(Searcher):
             return "fail", None
         if "stopped" in kinds:
             return "pruned", None
-        vals = [v for _, v in outs]
-        return "complete", (float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.inf)
+        return "complete", group_score(v for _, v in outs)
 
     def tell(self, group: int) -> None:
         grp = self.groups[group]
@@ -442,8 +493,7 @@ class GroupSearcher(Searcher):
             if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING or \
                     step in frozen.intermediate_values:
                 return
-            # Optuna reopens a running trial by its storage id (FrozenTrial._trial_id); Trial.report is public
-            optuna.trial.Trial(self.study, frozen._trial_id).report(min(value, _BIG), step)
+            compat.reopen_optuna_trial(self.study, frozen).report(min(value, _BIG), step)
         except Exception as e:  # an intermediate value is not worth ending the sweep for
             warnings.warn(f"Optuna: could not report to trial {number} ({str(e).splitlines()[0][:160]})")
 
@@ -501,15 +551,5 @@ class RootedSearchGenerator(SearchGenerator):
         self._fs_path, self._fs = storage_fs_path, storage_filesystem
 
     def set_state(self, state: dict) -> None:
-        import copy
-
-        import pyarrow.fs as pafs
-
         super().set_state(state)
-        exp = self._experiment
-        if exp is None or exp.spec.get("storage") is None:
-            return
-        st = copy.copy(exp.spec["storage"])
-        st.storage_filesystem = self._fs or pafs.LocalFileSystem()
-        st.storage_fs_path = self._fs_path
-        exp.spec["storage"] = exp.storage = st
+        compat.reroot_search_generator(self, self._fs_path, self._fs)

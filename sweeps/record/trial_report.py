@@ -6,6 +6,8 @@ judged on a cheaper metric than the sweep metric, so a report carries two number
 - `rung_score` with `rung_metric`: the value the scheduler (ASHA) and Optuna's intermediate values use at this
   point: the rung's own metric at a low rung, else the sweep metric. All trials use the same metric at a given
   rung, so ASHA compares like with like.
+- with `scheduler.ema_rule: best`, `rung_candidates`: the rung metric of the tracked and every post-hoc EMA; a
+  configuration is then judged on the EMA with the lowest mean over its seeds (`group_score`), by ASHA and Optuna;
 - the sweep metric under its own name, only where it was evaluated (None otherwise); `ckpt_score` is that value, or
   +inf where it was not evaluated, so the best checkpoint, `best`, the plots and the final ranking only ever compare
   the sweep metric.
@@ -19,15 +21,44 @@ import math
 import time
 from dataclasses import dataclass, field
 
-GROUP_KEY = "p2sweep_group"   # config key: the configuration a trial belongs to (its seeds share it)
+from ..compat import CHECKPOINT_DIR_NAME, TUNE_RESULT_KEYS
+
 SCORE = "ckpt_score"          # checkpoint ranking attribute: the sweep metric, +inf when not finite or not evaluated
 RUNG_SCORE = "rung_score"     # what ASHA and Optuna's intermediate values compare at this point
 RUNG_METRIC = "rung_metric"   # the metric name of rung_score
 # fields of a result that are not evaluation numbers (ours and Tune's)
-RESERVED = {"images_seen", "final", "diverged", "nonfinite_metric", SCORE, "loss", "training_iteration",
-            "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore", "iterations_since_restore",
-            "done", "node_ip", "node", "reference", "train_log", "diverged_reason", "trial_id", "date", "hostname", "checkpoint_dir_name",
-            "should_checkpoint", "experiment_tag", "reported_at", RUNG_SCORE, RUNG_METRIC, "points"}
+RESERVED = {"images_seen", "final", "diverged", "nonfinite_metric", SCORE, "loss", "node_ip", "node", "reference",
+            "train_log", "diverged_reason", "reported_at", "gpus", "device", RUNG_SCORE, RUNG_METRIC, "points",
+            "rung_candidates",
+            *TUNE_RESULT_KEYS}
+
+
+def group_choice(values) -> tuple[float, str | None]:
+    """(score, EMA) of one configuration at a rung from its seeds' values: their mean (+inf if one is not finite),
+    EMA None. Where the values are EMA candidates ({ema: value}, scheduler.ema_rule best): the mean over the seeds
+    of each EMA that every seed has, then the lowest of those means and its EMA: one EMA for the whole
+    configuration, as `best` chooses. A plain +inf (a seed that raised) stands for every EMA; a plain finite value
+    is the tracked EMA's."""
+    import numpy as np
+
+    vals = list(values)
+    if any(isinstance(v, dict) for v in vals):
+        from p2core.metrics import TRACKED
+
+        ds = [v if isinstance(v, dict) else None if not math.isfinite(v) else {TRACKED: v} for v in vals]
+        have = [d for d in ds if d is not None]
+        if not have:
+            return math.inf, None
+        keys = set(have[0]).intersection(*have[1:])
+        at = lambda d, k: math.inf if d is None else d[k]
+        scored = [(group_choice([at(d, k) for d in ds])[0], k) for k in sorted(keys)]
+        return min(scored, default=(math.inf, None))
+    return (float(np.mean(vals)) if vals and all(math.isfinite(v) for v in vals) else math.inf), None
+
+
+def group_score(values) -> float:
+    """`group_choice`'s score."""
+    return group_choice(values)[0]
 
 
 def finite_or_inf(v) -> tuple[float, bool]:
@@ -52,10 +83,15 @@ class TrialReport:
     node_ip: str = ""
     node: str = ""                                    # the Ray node: its --node-name, else the start of its id
     reference: str = ""                               # where the trial's reference statistics came from
+    gpus: str = ""                                    # the GPU ids Ray gave the trial (its CUDA_VISIBLE_DEVICES)
+    device: str = ""                                  # the torch device it trained on ("cuda", "cpu")
     diverged_reason: str = ""
     checkpoint: str = ""                              # Tune's checkpoint dir name (set by Tune, read back only)
     rung_metric: str = ""                             # "" = the sweep metric
     rung_value: float = math.inf
+    # scheduler.ema_rule best: the rung metric of every EMA ({"tracked": v, "0.07": v, ...}); the scheduler and the
+    # searcher take, per configuration, the EMA of the lowest mean over the seeds (`group_score`)
+    rung_candidates: dict = field(default_factory=dict)
 
     @classmethod
     def make(cls, metric: str, value, images_seen: int, *, evaluated: bool = True, rung_metric: str = "",
@@ -64,6 +100,8 @@ class TrialReport:
         v, bad = finite_or_inf(value) if evaluated else (None, False)
         rv, rbad = finite_or_inf(rung_value) if rung_metric and rung_metric != metric else (v, bad)
         evals = {k: finite_or_inf(x)[0] for k, x in (kw.pop("evals", None) or {}).items()}
+        if kw.get("rung_candidates"):
+            kw["rung_candidates"] = {str(k): finite_or_inf(x)[0] for k, x in kw["rung_candidates"].items()}
         # nonfinite_metric: the sweep metric where it was evaluated, else the rung's own metric
         return cls(metric=metric, value=v, images_seen=int(images_seen), nonfinite_metric=bad if evaluated else rbad,
                    evals=evals,
@@ -79,7 +117,7 @@ class TrialReport:
              "images_seen": self.images_seen,
              "final": int(self.final), "diverged": int(self.diverged), "nonfinite_metric": int(self.nonfinite_metric),
              "train_log": json.dumps(self.train_log), "node_ip": self.node_ip, "node": self.node,
-             "reference": self.reference,
+             "reference": self.reference, "gpus": self.gpus, "device": self.device,
              "reported_at": time.time()}
         if self.value is not None:
             r[self.metric] = self.value
@@ -87,7 +125,14 @@ class TrialReport:
             r["loss"] = self.train_log[-1].get("loss")
         if self.diverged_reason:
             r["diverged_reason"] = self.diverged_reason
+        if self.rung_candidates:
+            r["rung_candidates"] = json.dumps(self.rung_candidates)  # a string: Tune would flatten a dict
         return r
+
+    @property
+    def judged(self):
+        """What the scheduler and the searcher compare for this report: the rung score, or the EMA candidates."""
+        return dict(self.rung_candidates) if self.rung_candidates else self.rung_value
 
     @classmethod
     def from_result(cls, metric: str, r: dict) -> "TrialReport":
@@ -98,6 +143,10 @@ class TrialReport:
         except (TypeError, json.JSONDecodeError):
             log = []
         rung_metric = str(r.get(RUNG_METRIC) or metric)
+        try:
+            cands = {str(k): finite_or_inf(v)[0] for k, v in json.loads(r.get("rung_candidates") or "{}").items()}
+        except (TypeError, ValueError, AttributeError):
+            cands = {}
         rung_value = finite_or_inf(r[RUNG_SCORE])[0] if RUNG_SCORE in r else (math.inf if v is None else v)
         evals = {k: finite_or_inf(x)[0] for k, x in r.items() if k not in RESERVED and k != metric
                  and isinstance(x, (int, float)) and not isinstance(x, bool)}
@@ -106,9 +155,9 @@ class TrialReport:
         return cls(metric=metric, value=v, images_seen=int(r.get("images_seen", 0) or 0), final=bool(r.get("final")),
                    diverged=bool(r.get("diverged")), nonfinite_metric=bool(r.get("nonfinite_metric")) or bad,
                    evals=evals, train_log=log, node_ip=str(r.get("node_ip", "")), node=str(r.get("node", "")),
-                   reference=str(r.get("reference", "")),
-                   diverged_reason=str(r.get("diverged_reason", "")), checkpoint=str(r.get("checkpoint_dir_name") or ""),
-                   rung_metric=rung_metric, rung_value=rung_value)
+                   reference=str(r.get("reference", "")), gpus=str(r.get("gpus", "")), device=str(r.get("device", "")),
+                   diverged_reason=str(r.get("diverged_reason", "")), checkpoint=str(r.get(CHECKPOINT_DIR_NAME) or ""),
+                   rung_metric=rung_metric, rung_value=rung_value, rung_candidates=cands)
 
     @property
     def failed_value(self) -> bool:

@@ -8,16 +8,22 @@ checkpoint repeats some image counts, and the later report wins.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import os
 import statistics
+import time
 from dataclasses import dataclass, field
 
-from p2core.metrics import canonical_metric_name, is_metric_name, parse_metric_name
+from p2core.metrics import ema_name, parse_metric_name, same_family, same_metric, split_ema
 
-from . import storage as S
-from .meta import STATES
-from .report import GROUP_KEY, TrialReport
+from .. import compat
+from ..storage import fs as S
+from ..record.meta import STATES
+from ..record.replicate import Replicate, config_key
+from ..record.trial_report import TrialReport
+from ..storage.tune_state import newest_experiment_state
 
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
@@ -34,27 +40,45 @@ def read_results(path: str) -> list[dict]:
 
 
 def tune_states(d: str) -> dict:
-    """{trial_id: {state, diverged, images_seen, config, dir, errors}} from the experiment state Tune saved last
-    (saved before Tune tears its trials down, so an interrupted trial is still RUNNING there). States: TERMINATED
-    (trained to the end), STOPPED (ended early by ASHA), DIVERGED, ERROR, or RUNNING/PENDING/PAUSED (interrupted)."""
-    files = S.glob(d, "experiment_state-*.json")  # named by session start time
-    text = S.read_text(files[-1]) if files else None
+    """{trial_id: {state, diverged, images_seen, config, dir, failures, error_file, driver_clock}} from the experiment
+    state Tune saved last (saved before Tune tears its trials down, so an interrupted trial is still RUNNING there).
+    States: TERMINATED (trained to the end), STOPPED (ended early by ASHA), DIVERGED, ERROR, or RUNNING/PENDING/PAUSED
+    (interrupted)."""
+    newest = newest_experiment_state(d)  # by the start time each state records, not by its (local-time) name
+    text = S.read_text(newest) if newest else None
     if text is None:
         return {}
     data = json.loads(text)
+    clock = _driver_clock(newest, data)
     out = {}
-    for item in data.get("trial_data", []):
-        tr, rt = (json.loads(x) if isinstance(x, str) else x for x in item)
+    for tr, rt in compat.saved_trials(data):
         m = rt.get("last_result") or {}
         st = tr.get("status", "PENDING")
         if st == "TERMINATED":
             st = "DIVERGED" if m.get("diverged") else "TERMINATED" if m.get("final") else "STOPPED"
         cfg = tr.get("config") or {}
-        out[tr["trial_id"]] = {"state": st, "diverged": bool(m.get("diverged")),
-                               "images_seen": int(m.get("images_seen", 0) or 0),
-                               "config": {k: v for k, v in cfg.items() if isinstance(k, str)},
-                               "dir": tr.get("relative_logdir") or "", "failures": int(rt.get("num_failures", 0))}
+        tid = tr[compat.TRIAL_ID]
+        out[tid] = {"state": st, "diverged": bool(m.get("diverged")),
+                    "images_seen": int(m.get("images_seen", 0) or 0),
+                    "config": {k: v for k, v in cfg.items() if isinstance(k, str)},
+                    "dir": tr.get("relative_logdir") or "", "failures": int(rt.get("num_failures", 0)),
+                    "error_file": rt.get("error_filename") or "", "driver_clock": clock}
     return out
+
+
+def _driver_clock(path: str, data: dict) -> float | None:
+    """Seconds the driver's local wall clock was ahead of epoch time: Tune names the state file by the session's
+    local start time and records the same instant in epoch seconds (`stats.start_time`). None when unknown."""
+    try:
+        local = dt.datetime.strptime(compat.state_session(S.basename(path)), _TUNE_DATE)
+        return _naive_epoch(local) - math.floor(float(data["stats"]["start_time"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _naive_epoch(t: dt.datetime) -> float:
+    """A local wall-clock time as if it were UTC (what it is once its zone's offset is taken off)."""
+    return (t - dt.datetime(1970, 1, 1)).total_seconds()
 
 
 def known_states(d: str) -> dict:
@@ -86,7 +110,12 @@ class Trial:
     @property
     def params(self) -> dict:
         """The configuration's values without the bookkeeping (group) and the seed."""
-        return {k: v for k, v in self.config.items() if k not in (GROUP_KEY, "train.seed")}
+        return Replicate.of(self.config).params
+
+    @property
+    def config_key(self):
+        """Its configuration's key (`record.replicate.config_key`): its group, or its values when it has none."""
+        return config_key(self.group, self.params)
 
     @property
     def latest(self):
@@ -104,7 +133,7 @@ def load_trials(d: str, metric: str) -> list[Trial]:
     for rj in S.children_with(d, "result.json"):
         rows = read_results(rj)
         if rows:
-            dirs[rows[0].get("trial_id")] = (S.dirname(rj), rows)
+            dirs[rows[0].get(compat.TRIAL_ID)] = (S.dirname(rj), rows)
     ids = list(states) if states else sorted(dirs)
     trials = []
     for tid in ids:
@@ -124,9 +153,9 @@ def load_trials(d: str, metric: str) -> list[Trial]:
         state = st.get("state") or _state_from_files(last, tdir)
         if last is not None and last.diverged:
             state = "DIVERGED"
+        who = Replicate.of(config)
         trials.append(Trial(
-            trial_id=tid, dir=tdir, config=config, group=int(config.get(GROUP_KEY, -1)),
-            seed=int(config.get("train.seed", 0)), state=state,
+            trial_id=tid, dir=tdir, config=config, group=who.group, seed=who.seed, state=state,
             images_seen=max(last.images_seen if last else 0, int(st.get("images_seen", 0))),
             points={r.images_seen: dict(r.evals) for r in reps},
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
@@ -145,7 +174,7 @@ def _last_rung(last, metric: str) -> tuple:
     if last is None:
         return ()
     rm, rv = last.rung_metric, last.rung_value
-    if rm != metric and is_metric_name(rm) and canonical_metric_name(rm) == metric:
+    if rm != metric and same_metric(rm, metric):
         rm, rv = metric, last.value  # a sweep that spelled its metric another way (kid1000 for kid1k)
     return last.images_seen, rm, rv
 
@@ -157,28 +186,69 @@ def _state_from_files(last, tdir) -> str:
         return "DIVERGED"
     if last.final:
         return "TERMINATED"
-    if tdir and S.exists(S.join(tdir, "error.txt")):
+    if tdir and S.exists(S.join(tdir, compat.ERROR_FILE)):
         return "ERROR"
     return "STOPPED"
 
 
 def rung_history(d: str, metric: str) -> list[tuple]:
-    """[(trial_id, group, images_seen, rung score, ended)] of every report of the known trials, in time order, then a row
-    (trial_id, group, None, None, True) for each trial that ended in ERROR (ASHA's rung records are rebuilt from
-    them on resume)."""
+    """[(trial_id, group, images_seen, rung score, ended)] of every report of the known trials and a row
+    (trial_id, group, None, None, True) for each trial that ended in ERROR, all in the order they happened (ASHA's
+    rung records are rebuilt from them on resume, and must come out as the live scheduler made them: it marked an
+    errored seed ended when the failure came in, between the other trials' reports)."""
     known = known_states(d)
-    out = []
+    out, dirs = [], {}
     for rj in S.children_with(d, "result.json"):
-        for r in read_results(rj):
-            if known and r.get("trial_id") not in known:
+        rows = read_results(rj)
+        for r in rows:
+            if known and r.get(compat.TRIAL_ID) not in known:
                 continue
             rep = TrialReport.from_result(metric, r)
-            g = int((r.get("config") or {}).get(GROUP_KEY, -1))
-            out.append((r.get("reported_at", r.get("timestamp", 0)), r["trial_id"], g, rep.images_seen,
-                        rep.rung_value, rep.diverged))
-    errored = [(tid, int(st.get("config", {}).get(GROUP_KEY, -1))) for tid, st in known.items()
-               if st.get("state") == "ERROR"]
-    return [x[1:] for x in sorted(out, key=lambda x: x[0])] + [(tid, g, None, None, True) for tid, g in errored]
+            g = Replicate.of(r.get("config")).group
+            out.append((_when(r), 0, r[compat.TRIAL_ID], g, rep.images_seen, rep.judged, rep.diverged))
+        if rows:
+            dirs[rows[0].get(compat.TRIAL_ID)] = (S.dirname(rj), rows)
+    for tid, st in known.items():
+        if st.get("state") == "ERROR":
+            tdir, rows = dirs.get(tid, (S.join(d, st["dir"]) if st.get("dir") else "", []))
+            # kind 1: after a report made at the same instant (its own last report, when the failure time is unknown)
+            at = ended_at(tdir, rows, st.get("error_file") or compat.ERROR_FILE, st.get("driver_clock"))
+            out.append((at, 1, tid, Replicate.of(st.get("config")).group, None, None, True))
+    return [x[2:] for x in sorted(out, key=lambda x: x[:2])]
+
+
+def _when(r: dict) -> float:
+    return float(r.get("reported_at", r.get(compat.TIMESTAMP, 0)) or 0)
+
+
+_TUNE_DATE = compat.TUNE_DATE  # Tune's local wall-clock times, whole seconds
+
+
+def ended_at(tdir: str, rows: list, error_file: str = compat.ERROR_FILE, driver_clock: float | None = None) -> float:
+    """When an ERROR trial ended, in epoch seconds: the last failure Tune wrote to its error file (the one that used
+    up its retries), never before its last report; its last report's time when the error file is unreadable; +inf
+    (after everything) when neither is known. `rows`: its reports; `driver_clock`: see `_driver_clock`."""
+    last = max((_when(r) for r in rows), default=None)
+    text = S.read_text(S.join(tdir, error_file)) if tdir else None
+    found = compat.failure_times(text)
+    try:
+        failed = _naive_epoch(dt.datetime.strptime(found[-1], _TUNE_DATE))
+    except (IndexError, ValueError):
+        return math.inf if last is None else last
+    # the error file has the driver's local time: the driver's own offset (from Tune's state file) first, else the
+    # offset of the clock the trial's reports carry ("date" beside epoch "timestamp"), else this machine's zone
+    ref = next((r for r in reversed(rows) if r.get(compat.DATE) and r.get(compat.TIMESTAMP) is not None), None)
+    try:
+        if driver_clock is not None:
+            at = failed - float(driver_clock)
+        elif ref is not None:
+            at = failed - (_naive_epoch(dt.datetime.strptime(str(ref[compat.DATE]), _TUNE_DATE)) -
+                           int(ref[compat.TIMESTAMP]))
+        else:
+            at = time.mktime(time.strptime(found[-1], _TUNE_DATE))
+    except (TypeError, ValueError):
+        at = time.mktime(time.strptime(found[-1], _TUNE_DATE))
+    return at if last is None else max(at, last)  # whole seconds: never before the report it followed
 
 
 # -- status -----------------------------------------------------------------------------------------------------
@@ -214,7 +284,7 @@ def status_rows(trials: list[Trial], metric: str):
 
 @dataclass
 class Row:
-    """One (configuration, sampling spec) of a sweep, over the seeds that reached the same point in training."""
+    """One (configuration, sampling spec, EMA) of a sweep, over the seeds that reached the same point in training."""
     group: int
     config: dict              # params without seed
     spec: str
@@ -225,9 +295,15 @@ class Row:
     trials: list
     checkpoints: list         # per counted seed: checkpoint dir at that point, or ""
     seeds_expected: int
-    full_length: bool
+    full_length: bool         # every seed trained to the end: the row's point is max_images (scope last), or each
+    #                           seed of the configuration reached max_images without diverging (scope best)
     mean: float = math.inf
     std: float = 0.0
+    ema: float | None = None  # the sigma_rel of a reconstructed EMA (eval.ema_sigma_rels); None: the tracked EMA
+
+    @property
+    def ema_label(self) -> str:
+        return ema_name(self.ema)
 
     @property
     def n(self) -> int:
@@ -242,9 +318,35 @@ class Row:
     def complete(self) -> bool:
         return self.full_length and self.lost == 0 and all(math.isfinite(v) for v in self.values)
 
+    @property
+    def config_key(self):
+        """Its configuration's key (`record.replicate.config_key`)."""
+        return config_key(self.group, self.config)
+
     def rank_key(self):
-        # complete rows first; then rows with every seed (trained less far); rows that lost seeds last
-        return (not self.complete, self.lost > 0, math.isinf(self.mean), self.mean)
+        # complete rows first; then rows with every seed (trained less far); rows that lost seeds last; the group
+        # and metric only settle exact ties, so that every caller gets one order
+        return (not self.complete, self.lost > 0, math.isinf(self.mean), self.mean, self.group, self.metric)
+
+
+def rank(rows: list[Row]) -> list[Row]:
+    """The one ranking of a sweep's rows, best first: `best`, `compare`, the report and the MLflow view use it."""
+    return sorted(rows, key=Row.rank_key)
+
+
+def config_order(rows: list[Row]) -> list:
+    """The configurations (`config_key`) of `rows`, best first: each by its best-ranked row over every sampling spec
+    (`rank`), so the first is the configuration of the row `best` names and the order is that of `best`'s table."""
+    first: dict = {}
+    for r in rank(rows):
+        first.setdefault(r.config_key, None)
+    return list(first)
+
+
+def ranked_configs(trials: list[Trial], metric: str, max_images: int, seeds_expected: int,
+                   scope: str = "last") -> list:
+    """The configuration keys (`config_key`) of a sweep, best first, in the order `best` and `compare` show."""
+    return config_order(group_rows(trials, metric, max_images, seeds_expected, scope))
 
 
 def _common_point(trials: list[Trial], name: str) -> tuple[int | None, list[Trial]]:
@@ -277,18 +379,19 @@ def _best_point(trials: list[Trial], metric: str) -> int | None:
 
 def group_rows(trials: list[Trial], metric: str, max_images: int, seeds_expected: int,
                scope: str = "last") -> list[Row]:
-    """One row per (configuration, sampling spec) in the sweep metric's family (same kind and n), ranked.
+    """One row per (configuration, sampling spec, EMA) in the sweep metric's family (same kind and n), ranked: an
+    EMA reconstructed post hoc (`eval.ema_sigma_rels`, metric names `..._ema0.07`) is a row like a sampling spec.
     `scope=last`: each spec at the latest point its seeds share; `scope=best`: every spec of a configuration at the
     one point where the sweep metric's mean was best."""
-    kind, n, _ = parse_metric_name(metric)
     groups: dict = {}
     for t in trials:
-        groups.setdefault(t.group if t.group >= 0 else json.dumps(t.params, sort_keys=True), []).append(t)
+        groups.setdefault(t.config_key, []).append(t)
     rows = []
     for g, ts in groups.items():
-        names = sorted({k for t in ts for ev in t.points.values() for k in ev
-                        if is_metric_name(k) and parse_metric_name(k)[:2] == (kind, n)})
+        names = sorted({k for t in ts for ev in t.points.values() for k in ev if same_family(k, metric)})
         fixed = _best_point(ts, metric) if scope == "best" else None
+        # scope best: the value is at the best point, but "complete" is about the training: every seed to the end
+        trained = all(t.images_seen >= max_images and not t.diverged for t in ts)
         for name in names:
             if fixed is not None:
                 p, used = fixed, [t for t in ts if name in t.points.get(fixed, {})]
@@ -298,16 +401,16 @@ def group_rows(trials: list[Trial], metric: str, max_images: int, seeds_expected
                 p, used = _common_point(ts, name)
             used = sorted(used, key=lambda t: t.seed)
             vals = [t.points[p][name] for t in used]
-            row = Row(group=ts[0].group, config=ts[0].params, spec=parse_metric_name(name)[2], metric=name,
+            plain, ema = split_ema(name)
+            row = Row(group=ts[0].group, config=ts[0].params, spec=parse_metric_name(plain)[2], metric=name, ema=ema,
                       images_seen=p, values=vals, seeds=[t.seed for t in used], trials=[t.trial_id for t in used],
                       checkpoints=[t.checkpoints.get(p, "") for t in used], seeds_expected=seeds_expected,
-                      full_length=p >= max_images)
+                      full_length=trained if fixed is not None else p >= max_images)
             finite = all(math.isfinite(v) for v in vals)
             row.mean = statistics.fmean(vals) if finite else math.inf
             row.std = statistics.stdev(vals) if finite and len(vals) > 1 else 0.0
             rows.append(row)
-    rows.sort(key=Row.rank_key)
-    return rows
+    return rank(rows)
 
 
 def best_export_yaml(meta, row: Row, trials: list[Trial]) -> str:
@@ -315,21 +418,68 @@ def best_export_yaml(meta, row: Row, trials: list[Trial]) -> str:
     `p2sweep train` accepts it unchanged."""
     import yaml
 
-    from p2core.config import apply_overrides, config_from_dict
+    from p2core.config import config_from_dict
     from p2core.metrics import metric_name
 
+    from ..record.replicate import trial_config
+
     first = next(t for t in trials if t.trial_id == row.trials[0])
-    data = apply_overrides(meta.base, {k: v for k, v in first.config.items() if k != GROUP_KEY})
+    cfg = trial_config(meta.base, first.config)
     kind, n, _ = parse_metric_name(meta.metric)
-    data["eval"]["sampling_steps"] = [row.spec]
-    data["metric"] = metric_name(kind.lstrip("r"), n, row.spec, data["eval"]["extractor"])
-    cfg = config_from_dict(data)
+    cfg.eval.sampling_steps = [row.spec]
+    if row.ema is not None:  # the winner's EMA is scored beside the tracked one when this config trains
+        cfg.eval.ema_sigma_rels = [row.ema]
+    cfg.metric = metric_name(kind.lstrip("r"), n, row.spec, cfg.eval.extractor)
+    cfg = config_from_dict(cfg.to_dict())  # validated again: the metric must be one this config produces
     lost = f"; {row.lost} seed(s) lost" if row.lost else ""
     head = (f"# Best configuration of sweep {meta.name!r} by {row.metric} = {row.mean:.6g} (+- {row.std:.3g} over "
             f"{row.n} seed(s) {row.seeds} at {row.images_seen} images{lost}); trial(s): {', '.join(row.trials)}\n"
+            + (f"# The row's EMA: sigma_rel {row.ema:g}, reconstructed post hoc from the power-EMA snapshots (metric "
+               f"{row.metric}; the winner over the sweep's sampling specs and EMAs, so optimistic).\n"
+               if row.ema is not None else "") +
             f"# This is trial {first.trial_id} (seed {first.seed}) as it ran. Exported by `p2sweep best --export`;\n"
             f"# train it with `p2sweep train THIS_FILE` (set train.total_images).\n")
     return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def ema_weights_path(export_path: str, row: Row) -> str:
+    """Where `best --export FILE` writes the weights of an EMA row: beside FILE, named by sigma_rel and images."""
+    from p2core.metrics import ema_label
+
+    return f"{os.path.splitext(export_path)[0]}_{ema_label(row.ema)}_{row.images_seen:012d}.pt"
+
+
+def export_ema_weights(row: Row, trials: list[Trial], path: str) -> str:
+    """Reconstruct the EMA of `row` (sigma_rel `row.ema`, at `row.images_seen`) from its first seed's power-EMA
+    snapshots in the storage (`<trial>/p2/ema_snapshots`, only those taken up to that point) and write it as a bare
+    float32 state_dict with the official P2/ADM key names (`torch.load` + `load_state_dict` in the official
+    `image_sample.py`, strict). The trainer takes a snapshot at every evaluation point with post-hoc EMAs, so these
+    are the files the row's score came from."""
+    import tempfile
+
+    import torch
+
+    from p2core import phema
+    from p2core.checkpoint import atomic_torch_save
+    from p2core.errors import UserError
+
+    first = next(t for t in trials if t.trial_id == row.trials[0])
+    folder = S.join(first.dir, "p2", "ema_snapshots")
+    names = [n for n in (S.listdir(folder) if S.isdir(folder) else []) if phema.SNAPSHOT_NAME.match(n)
+             and int(phema.SNAPSHOT_NAME.match(n).group(1)) <= row.images_seen]
+    if not names:
+        raise UserError(f"{folder}: no power-EMA snapshot up to {row.images_seen} images to reconstruct "
+                        f"sigma_rel {row.ema:g} from")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = folder
+        if S.is_uri(folder):  # only the snapshots this point uses come over
+            local = os.path.join(tmp, "ema_snapshots")
+            for n in names:
+                S.download(S.join(folder, n), os.path.join(local, n))
+        sd = phema.reconstruct(phema.load_snapshots(local, upto_images=row.images_seen, mmap=True), row.ema,
+                               row.images_seen)
+        atomic_torch_save({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}, path)
+    return path
 
 
 def write_csv(path: str, trials: list[Trial], metric: str) -> None:

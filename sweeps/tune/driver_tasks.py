@@ -1,7 +1,7 @@
 """Work the driver hands to Ray as tasks with declared resources, so the driver can be a CPU-only head node and
 Ray's resource accounting sees it: the reference statistics (once per sweep, before the first trial) and the
 baseline evaluations. Each task gets the trials' accelerator when the trials have one; on CPU it gets the CPUs of
-the largest node (a local sweep: the whole machine, as the driver had before)."""
+the local machine when p2sweep started the Ray itself, else one trial's CPUs."""
 from __future__ import annotations
 
 import os
@@ -9,12 +9,16 @@ import sys
 import time
 
 
-def task_options(cpu: float, gpu: float) -> dict:
-    """Ray task options: one trial's GPU share and CPUs when trials use a GPU, else the largest node's CPUs."""
+def task_options(cpu: float, gpu: float, whole_node: bool = False) -> dict:
+    """Ray task options: one trial's resources (its CPUs, and its GPU share when trials use one), so the task fits
+    wherever a trial fits and never waits for a whole node of a shared cluster. `whole_node`: a CPU sweep on the
+    local Ray p2sweep started itself takes all of its CPUs (no trial runs yet, and nobody else shares it)."""
     import ray
 
     if gpu:
         return {"num_cpus": cpu, "num_gpus": gpu}
+    if not whole_node:
+        return {"num_cpus": cpu}
     node_cpus = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
     return {"num_cpus": max([cpu] + node_cpus)}
 
@@ -27,7 +31,7 @@ def build_reference(base: dict, cache_dir: str, threads: int) -> dict:
     """The reference statistics of the sweep's dataset, once: into `cache_dir` when it is a path every node sees
     (under its file lock: one computation however many callers), or, when it is in object storage, into this
     node's own cache and then uploaded (found there, they are copied, not recomputed). Returns {computed, seconds,
-    path (where the trials find them), node}."""
+    path (where the trials find them), node, gpus (the GPU ids Ray gave the task)}."""
     import torch
 
     from p2core.config import config_from_dict
@@ -35,7 +39,7 @@ def build_reference(base: dict, cache_dir: str, threads: int) -> dict:
     from p2core.evaluation import extractor_from_config, ref_cache_path, reference_stats
     from p2core.trainer import resolve_device
 
-    from . import storage
+    from ..storage import fs as storage
 
     cfg = config_from_dict(base)
     torch.set_num_threads(threads)
@@ -56,14 +60,15 @@ def build_reference(base: dict, cache_dir: str, threads: int) -> dict:
     if remote and not storage.exists(shared):
         storage.upload(path, shared)
     return {"computed": bool(computed), "seconds": time.perf_counter() - t0, "path": shared,
-            "node": os.environ.get("RAY_NODE_ID", "") or __import__("socket").gethostname()}
+            "node": os.environ.get("RAY_NODE_ID", "") or __import__("socket").gethostname(),
+            "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
 
-def reference_as_task(base: dict, cache_dir: str, cpu: float, gpu: float) -> dict:
+def reference_as_task(base: dict, cache_dir: str, cpu: float, gpu: float, whole_node: bool = False) -> dict:
     """Run `build_reference` as a Ray task and wait for it (Ray must be initialised)."""
     import ray
 
-    opts = task_options(cpu, gpu)
+    opts = task_options(cpu, gpu, whole_node)
     print(f"reference statistics: a Ray task with {opts} (cached in {cache_dir})", file=sys.stderr)
     t0 = time.perf_counter()
     out = task_result(ray.remote(build_reference).options(**opts).remote(base, cache_dir, _threads(opts)),
@@ -93,20 +98,20 @@ def task_result(ref, what: str):
         raise UserError(f"{what} failed on a Ray node: {type(e).__name__}: {msg}") from None
 
 
-def baseline_runner(base: dict, cache_dir: str, ref_file: str, cpu: float, gpu: float):
+def baseline_runner(base: dict, cache_dir: str, ref_file: str, cpu: float, gpu: float, whole_node: bool = False):
     """A `run(b)` for `baselines.evaluate` that evaluates each baseline as a Ray task (with the sweep's reference
     statistics copied into the node's cache first when they live in object storage)."""
     import ray
 
-    opts = task_options(cpu, gpu)
+    opts = task_options(cpu, gpu, whole_node)
     task = ray.remote(_baseline_task).options(**opts)
     return lambda b: task_result(task.remote(b, base, cache_dir, ref_file, _threads(opts)),
                                  f"the evaluation of baseline {b['name']!r}")
 
 
 def _baseline_task(b: dict, base: dict, cache_dir: str, ref_file: str, threads: int):
-    from . import storage
-    from .baselines import evaluate_one
+    from ..storage import fs as storage
+    from ..record.baselines import evaluate_one
 
     if storage.is_uri(cache_dir):
         fetch_reference(ref_file, "")
@@ -120,7 +125,7 @@ def fetch_reference(ref_file: str, cache_dir: str = "") -> str:
     computes its own). Returns "storage" (copied now), "cache" (already on this node) or "" (no file to copy)."""
     from p2core.data import default_cache_dir
 
-    from . import storage
+    from ..storage import fs as storage
 
     if not ref_file:
         return ""
