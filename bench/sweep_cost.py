@@ -16,12 +16,24 @@ reference), and seconds (sweep wall time, and the sum of trial times; the shared
 between the cheap rung metric (c) and the sweep metric at the end (b) over the same configurations (training is
 deterministic in the seed, so (c)'s trials up to the rung are (b)'s).
 
-  python bench/sweep_cost.py [--total-images 9000] [--num-samples 128] [--rung-samples 64] [--ref-samples 500]
+With `--ema`, the EMA dimension instead: a power EMA (profiles 0.05 and 0.10, 0.10 evaluated during training) and
+the EMA values {0.05, 0.10, 0.20}, on the same study without early stopping:
+
+  naive: one training per (configuration, EMA value), each scoring every steps value with its own reference.
+      Computed from (d)'s logs (its EMAs' evaluation times), not run.
+  (d) p2sweep, every EMA scored fully (eval.ema_sigma_rels [0.05, 0.20]): one training per configuration.
+  (e) p2sweep, the cheap path (eval.ema_choose_on kid<rung-samples>_ddim10): every EMA scored on the cheap metric,
+      the point's metrics for the one it ranks first only.
+
+Also: the share of trial seconds spent on post-hoc EMAs (`ema_eval_share`), whether (e) picks the winner (config,
+steps, EMA) of naive/(d), whether the tracked EMA alone would have, and how far (e)'s chosen values are from (d)'s
+values of the same EMA (the same trainings and noise).
+
+  python bench/sweep_cost.py [--total-images 9000] [--num-samples 128] [--rung-samples 64] [--ref-samples 500] [--ema]
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -38,110 +50,33 @@ SPECS = ["ddim10", "ddim25", "ddim50"]
 SPACE = {"diffusion.p2_gamma": {"grid": [0.0, 0.5, 1.0]}, "diffusion.noise_schedule": {"grid": ["linear", "cosine"]}}
 
 
-from sweeps.results.analysis import steps_of  # noqa: E402  (the report's own count of image-steps)
-
-
-# -- reading a sweep's results ----------------------------------------------------------------------------------
-
-def read_trials(exp_dir: str) -> list[dict]:
-    """[{params, rows}] per trial: `rows` = its reports (a later report at the same image count wins)."""
-    out = []
-    for rj in sorted(glob.glob(os.path.join(exp_dir, "*", "result.json"))):
-        by_point = {}
-        with open(rj) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    by_point[r["images_seen"]] = r
-        if by_point:
-            rows = [by_point[k] for k in sorted(by_point)]
-            params = {k: v for k, v in rows[0]["config"].items() if k not in ("p2sweep_group", "train.seed")}
-            out.append({"params": params, "rows": rows})
-    return out
-
-
-def key(params: dict) -> tuple:
-    return tuple(sorted(params.items()))
-
-
-def gen_of(row: dict) -> dict:
-    """{spec: images generated} of one report."""
-    return {k[len("gen_images_"):]: int(v) for k, v in row.items() if k.startswith("gen_images_")}
-
-
-def train_seconds(trial: dict) -> float:
-    last = trial["rows"][-1]
-    return float(last.get("time_total_s", 0.0)) - sum(float(r.get("eval_seconds", 0.0)) for r in trial["rows"])
-
-
-# -- the three costs (pure: the tests check these counts) -------------------------------------------------------
-
-def strategy_cost(trials: list[dict], ref_samples: int, ref_seconds: float = 0.0) -> dict:
-    """Cost of a p2sweep run from its trials' reports; reference statistics counted once."""
-    c = {"images_trained": 0, "image_steps_generated": 0, "images_featurised": ref_samples,
-         "trial_seconds": ref_seconds}
-    for t in trials:
-        c["images_trained"] += int(t["rows"][-1]["images_seen"])
-        c["trial_seconds"] += float(t["rows"][-1].get("time_total_s", 0.0))
-        for r in t["rows"]:
-            for spec, n in gen_of(r).items():
-                c["image_steps_generated"] += n * steps_of(spec)
-                c["images_featurised"] += n
-    return c
-
-
-def naive_cost(full: list[dict], specs, num_samples: int, ref_samples: int, ref_seconds: float = 0.0) -> dict:
-    """Cost of training every (configuration, steps) on its own, from the trials of a run without early stopping:
-    per pair, the configuration's training, one evaluation of `num_samples` at that spec, its own reference."""
-    c = {"images_trained": 0, "image_steps_generated": 0, "images_featurised": 0, "trial_seconds": 0.0}
-    for t in full:
-        last = t["rows"][-1]
-        for spec in specs:
-            c["images_trained"] += int(last["images_seen"])
-            c["image_steps_generated"] += num_samples * steps_of(spec)
-            c["images_featurised"] += num_samples + ref_samples
-            c["trial_seconds"] += (train_seconds(t) + float(last.get(f"gen_seconds_{spec}", 0.0))
-                                   + float(last.get(f"feat_seconds_{spec}", 0.0)) + ref_seconds)
-    return c
-
-
-def winner(trials: list[dict], kind_n: str, specs) -> tuple | None:
-    """(params key, spec, value) with the lowest `{kind_n}_{spec}` among trials' final reports."""
-    best = None
-    for t in trials:
-        last = t["rows"][-1]
-        if not last.get("final"):
-            continue
-        for spec in specs:
-            v = last.get(f"{kind_n}_{spec}")
-            if v is not None and (best is None or v < best[2]):
-                best = (key(t["params"]), spec, float(v))
-    return best
-
-
-def rung_vs_end(asha: list[dict], full: list[dict], rung_metric: str, metric: str) -> dict:
-    """Spearman rank correlation over configurations: the rung's cheap metric (ASHA run) vs the sweep metric at the
-    end (run without early stopping)."""
-    from scipy.stats import spearmanr
-
-    cheap = {key(t["params"]): r[rung_metric] for t in asha for r in t["rows"] if rung_metric in r}
-    top = {key(t["params"]): t["rows"][-1][metric] for t in full if metric in t["rows"][-1]}
-    common = sorted(set(cheap) & set(top))
-    if len(common) < 3:
-        return {"configs": len(common), "spearman": None}
-    rho = spearmanr([cheap[k] for k in common], [top[k] for k in common]).statistic
-    return {"configs": len(common), "spearman": round(float(rho), 3)}
+from sweeps.results.cost import (chosen_against_full, naive_cost, naive_ema_cost, read_trials,  # noqa: E402
+                                 rung_vs_end, same_choice, strategy_cost, winner)
+from p2core.metrics import CHOSEN  # noqa: E402
 
 
 # -- running the two sweeps ----------------------------------------------------------------------------------
 
-def sweep_file(tmp, name, a, asha: bool) -> str:
+TRACKED_SIGMA_REL, EMA_SIGMA_RELS = 0.10, [0.05, 0.20]  # the EMA dimension: {0.05, 0.10 (tracked), 0.20}
+
+
+def ema_overrides(a, cheap_path: bool) -> dict:
+    """A power EMA tracking 0.05 and 0.10 (0.10 evaluated), about 30 snapshots; the other two values post hoc."""
+    every = max(32, a.total_images // 30 // 32 * 32)
+    o = {"train.ema.type": "power", "train.ema.sigma_rels": [0.05, TRACKED_SIGMA_REL],
+         "train.ema.snapshot_every_images": every, "eval.ema_sigma_rels": EMA_SIGMA_RELS}
+    if cheap_path:
+        o["eval.ema_choose_on"] = f"kid{a.rung_samples}_ddim10"
+    return o
+
+
+def sweep_file(tmp, name, a, asha: bool, extra: dict | None = None) -> str:
     d = {"name": name, "base": os.path.join(ROOT, "configs", "fmnist_cpu.yaml"),
          "overrides": {"train.total_images": a.total_images, "train.batch_size": 32, "train.lr": 5.0e-4,
                        "train.ema_rate": 0.99, "train.ema_warmup": True, "train.eval_every_images": 0,
                        "train.grid_samples": 0, "train.log_every_images": 1024, "eval.num_samples": a.num_samples,
                        "eval.sampling_steps": SPECS, "eval.ref_samples": a.ref_samples, "eval.batch_size": 128,
-                       "eval.metrics": ["kid"]},
+                       "eval.metrics": ["kid"], **(extra or {})},
          "metric": f"kid{a.num_samples}_ddim10", "space": SPACE,
          "search": {"algorithm": "grid", "max_concurrent": 2}, "seeds": [0], "resources": {"cpu": 1},
          "tracking": {"cache_dir": os.path.join(tmp, "cache")},
@@ -177,6 +112,40 @@ def run_sweep(path, storage, env) -> float:
     return time.perf_counter() - t0
 
 
+def ema_dimension(tmp, a, env, ref_s) -> dict:
+    """(d) every EMA scored fully and (e) the cheap path, both without early stopping; naive from (d)'s logs."""
+    wall_d = run_sweep(sweep_file(tmp, "emafull", a, False, ema_overrides(a, False)), os.path.join(tmp, "d"), env)
+    wall_e = run_sweep(sweep_file(tmp, "emacheap", a, False, ema_overrides(a, True)), os.path.join(tmp, "e"), env)
+    full, cheap = read_trials(os.path.join(tmp, "d", "emafull")), read_trials(os.path.join(tmp, "e", "emacheap"))
+    naive = naive_ema_cost(full, SPECS, EMA_SIGMA_RELS, a.num_samples, a.ref_samples, ref_s)
+    cost_d = {**strategy_cost(full, a.ref_samples, ref_s), "wall_seconds": round(wall_d + ref_s, 1)}
+    cost_e = {**strategy_cost(cheap, a.ref_samples, ref_s), "wall_seconds": round(wall_e + ref_s, 1)}
+    kind_n = f"kid{a.num_samples}"
+    w_naive = winner(full, kind_n, SPECS, (None, *EMA_SIGMA_RELS))  # the same values as separate trainings'
+    w_tracked = winner(cheap, kind_n, SPECS)
+    w_cheap = winner(cheap, kind_n, SPECS, (None, CHOSEN))
+    out = {"scale": {"total_images": a.total_images, "num_samples": a.num_samples, "rung_samples": a.rung_samples,
+                     "ref_samples": a.ref_samples, "configs": len(full), "specs": SPECS,
+                     "emas": [TRACKED_SIGMA_REL, *EMA_SIGMA_RELS], "choose_on": f"kid{a.rung_samples}_ddim10"},
+           "reference_seconds": round(ref_s, 1), "naive_one_training_per_ema": naive, "d_every_ema_scored": cost_d,
+           "e_cheap_path": cost_e}
+    for d in (naive, cost_d, cost_e):
+        d["trial_seconds"] = round(d["trial_seconds"], 1)
+        if "ema_eval_seconds" in d:
+            d["ema_eval_seconds"] = round(d["ema_eval_seconds"], 1)
+            d["ema_eval_share"] = round(d["ema_eval_seconds"] / d["trial_seconds"], 3)
+    for k in ("images_trained", "image_steps_generated", "images_featurised", "trial_seconds"):
+        out[f"naive_over_e_{k}"] = ratio(naive[k], cost_e[k])
+        out[f"d_over_e_{k}"] = ratio(cost_d[k], cost_e[k])
+    show = lambda w: {"params": dict(w[0]), "spec": w[1], "ema": w[2] if w[2] is not None else TRACKED_SIGMA_REL,
+                      "value": w[3]} if w else None  # noqa: E731
+    out.update(winner_naive=show(w_naive), winner_cheap_path=show(w_cheap), winner_tracked_only=show(w_tracked),
+               cheap_path_same_winner=same_choice(w_naive, w_cheap, TRACKED_SIGMA_REL),
+               tracked_only_same_winner=same_choice(w_naive, w_tracked, TRACKED_SIGMA_REL),
+               chosen_vs_full_max_abs_diff=chosen_against_full(cheap, full, kind_n, SPECS, TRACKED_SIGMA_REL))
+    return out
+
+
 def ratio(a, b):
     return round(a / b, 2) if b else None
 
@@ -188,12 +157,15 @@ def main():
     ap.add_argument("--rung-samples", type=int, default=64)
     ap.add_argument("--ref-samples", type=int, default=500)
     ap.add_argument("--keep", default="", help="keep the two sweeps' storage here")
+    ap.add_argument("--ema", action="store_true", help="the EMA dimension instead (see the module docstring)")
     a = ap.parse_args()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true", TQDM_DISABLE="1",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONPATH=ROOT)
     tmp = a.keep or tempfile.mkdtemp(prefix="p2cost-")
     os.makedirs(tmp, exist_ok=True)
     ref_s = reference_seconds(tmp, a)
+    if a.ema:
+        return print(json.dumps(ema_dimension(tmp, a, env, ref_s)))
     wall_b = run_sweep(sweep_file(tmp, "full", a, asha=False), os.path.join(tmp, "b"), env)
     wall_c = run_sweep(sweep_file(tmp, "asha", a, asha=True), os.path.join(tmp, "c"), env)
     full, asha = read_trials(os.path.join(tmp, "b", "full")), read_trials(os.path.join(tmp, "c", "asha"))
@@ -201,15 +173,15 @@ def main():
     cost_b = {**strategy_cost(full, a.ref_samples, ref_s), "wall_seconds": round(wall_b + ref_s, 1)}
     cost_c = {**strategy_cost(asha, a.ref_samples, ref_s), "wall_seconds": round(wall_c + ref_s, 1)}
     kind_n = f"kid{a.num_samples}"
-    w_b, w_c = winner(full, kind_n, SPECS), winner(asha, kind_n, SPECS)
+    w_b, w_c = winner(full, kind_n, SPECS), winner(asha, kind_n, SPECS)  # (params, spec, ema None, value)
     out = {"scale": {"total_images": a.total_images, "num_samples": a.num_samples, "rung_samples": a.rung_samples,
                      "ref_samples": a.ref_samples, "configs": len(full), "specs": SPECS},
            "reference_seconds": round(ref_s, 1), "a_naive": cost_a, "b_p2sweep": cost_b, "c_p2sweep_asha": cost_c}
     for k in ("images_trained", "image_steps_generated", "images_featurised", "trial_seconds"):
         out[f"a_over_c_{k}"] = ratio(cost_a[k], cost_c[k])
         out[f"b_over_c_{k}"] = ratio(cost_b[k], cost_c[k])
-    out["winner_a_b"] = {"params": dict(w_b[0]), "spec": w_b[1], "value": w_b[2]} if w_b else None
-    out["winner_c"] = {"params": dict(w_c[0]), "spec": w_c[1], "value": w_c[2]} if w_c else None
+    out["winner_a_b"] = {"params": dict(w_b[0]), "spec": w_b[1], "value": w_b[3]} if w_b else None
+    out["winner_c"] = {"params": dict(w_c[0]), "spec": w_c[1], "value": w_c[3]} if w_c else None
     out["same_winner"] = bool(w_b and w_c and w_b[:2] == w_c[:2])
     out["rung_vs_end"] = rung_vs_end(asha, full, f"kid{a.rung_samples}_ddim10", f"{kind_n}_ddim10")
     for d in (cost_a, cost_b, cost_c):

@@ -20,8 +20,12 @@ snapshots an EMA of any sigma_rel (or a classic rate) at any snapshot point is r
 metric and the checkpoint's `ema` weights use the tracked profile with the largest sigma_rel; `eval.ema_sigma_rels`
 adds, at every evaluation, the same metrics for the EMA of each listed sigma_rel, reconstructed from the snapshots
 taken so far (never a later one; one is taken at the evaluation point if none is there), named
-`<metric>_ema<sigma_rel>` and sampled from the same initial noise as the tracked profile (paired comparisons). Each listed sigma_rel costs one more
-evaluation at every point. `train.ema_rate` and `ema_warmup` are unused.
+`<metric>_ema<sigma_rel>` and sampled from the same initial noise as the tracked profile (paired comparisons). Each
+listed sigma_rel costs one more evaluation at every point, unless `eval.ema_choose_on` names a cheap metric (for
+example the first ASHA rung's `kid1k_ddim10`): then every EMA, the tracked one included, is scored on that metric
+alone (`kid1k_ddim10_ema0.05`, ...), and the point's metrics are computed once more, for the EMA that ranks first
+there (`<metric>_emachosen`, its sigma_rel in `ema_chosen`; the tracked one's values when it wins), so the extra
+cost is k cheap evaluations plus at most one evaluation. `train.ema_rate` and `ema_warmup` are unused.
 
 Snapshot size: `snapshot_dtype` (float16 by default; bfloat16 or float32) times the parameter count, per profile:
 2 bytes x parameters per profile in fp16, e.g. about 190 MB per fp16 snapshot per profile for the 93.6M-parameter
@@ -154,6 +158,9 @@ class EvalConfig:
     # power EMA only: also evaluate the EMA of each sigma_rel, reconstructed at every evaluation point from the
     # snapshots so far (metrics suffixed _ema0.10 ...); [] = the tracked profile alone
     ema_sigma_rels: list[float] = field(default_factory=list)
+    # the cheap path: score every EMA (tracked and ema_sigma_rels) on this one cheap metric only, and compute the
+    # point's metrics for the EMA it ranks first alone (named <metric>_emachosen); "" = every metric for every EMA
+    ema_choose_on: str = ""
 
 
 @dataclass
@@ -438,6 +445,15 @@ def validate(cfg: TrainingConfig) -> None:
         need(round(s, 4) == s, "eval.ema_sigma_rels", f"at most 4 decimals (metric names write them), got {s}")
     need(len({ema_label(s) for s in e.ema_sigma_rels}) == len(e.ema_sigma_rels), "eval.ema_sigma_rels",
          f"duplicate values in {e.ema_sigma_rels}")
+    if e.ema_choose_on:
+        from .metrics import canonical_metric_name, check_metric_producible
+
+        need(bool(e.ema_sigma_rels), "eval.ema_choose_on", "needs eval.ema_sigma_rels (the EMAs to choose among)")
+        try:
+            check_metric_producible(e.ema_choose_on, cfg)
+        except ValueError as ex:
+            raise UserError(f"eval.ema_choose_on: {ex}") from None
+        e.ema_choose_on = canonical_metric_name(e.ema_choose_on)
     if cfg.metric:
         from .metrics import canonical_metric_name, check_metric_produced
         try:

@@ -5,7 +5,9 @@ images (10000 -> "10k", 512 -> "512"); steps: the sampling spec ("250" DDPM resp
 section counts "10,15,20" are written "10-15-20" since MLflow refuses commas in metric names).
 
 A metric of an EMA reconstructed post hoc (`eval.ema_sigma_rels`, a power-function EMA) carries its sigma_rel as a
-suffix: `kid1k_ddim25_ema0.10` (`with_ema`, `split_ema`); the bare name is the tracked profile's.
+suffix: `kid1k_ddim25_ema0.10` (`with_ema`, `split_ema`); the bare name is the tracked profile's. With
+`eval.ema_choose_on`, `kid1k_ddim25_emachosen` is the metric of the EMA that the cheap metric ranked first at that
+point (`CHOSEN`; its sigma_rel is the record's `ema_chosen`).
 """
 from __future__ import annotations
 
@@ -52,11 +54,16 @@ def canonical_metric_name(name: str) -> str:
     return f"{kind}{count_label(n)}_{steps_label(parse_respacing(steps))}"
 
 
-_EMA = re.compile(r"^(.+)_ema(\d+\.\d+)$")
+_EMA = re.compile(r"^(.+)_ema(\d+\.\d+|chosen)$")
+
+CHOSEN = "chosen"  # the EMA `eval.ema_choose_on` ranked first at a point, as metric names and tables name it
 
 
-def ema_label(sigma_rel: float) -> str:
-    """A sigma_rel as metric names write it, at least two decimals: 0.1 -> "ema0.10", 0.075 -> "ema0.075"."""
+def ema_label(sigma_rel: float | str) -> str:
+    """A sigma_rel as metric names write it, at least two decimals: 0.1 -> "ema0.10", 0.075 -> "ema0.075";
+    `CHOSEN` -> "emachosen"."""
+    if sigma_rel == CHOSEN:
+        return f"ema{CHOSEN}"
     txt = f"{float(sigma_rel):.4f}".rstrip("0")
     whole, frac = txt.split(".")
     return f"ema{whole}.{frac.ljust(2, '0')}"
@@ -65,20 +72,24 @@ def ema_label(sigma_rel: float) -> str:
 TRACKED = "tracked"  # the EMA a run evaluates during training, as tables and EMA candidates name it
 
 
-def ema_name(sigma_rel: float | None) -> str:
-    """How tables, reports and EMA candidates name an EMA: "tracked" (None), else its sigma_rel ("0.07")."""
-    return TRACKED if sigma_rel is None else f"{float(sigma_rel):g}"
+def ema_name(sigma_rel: float | str | None) -> str:
+    """How tables, reports and EMA candidates name an EMA: "tracked" (None), "chosen" (`CHOSEN`), else its
+    sigma_rel ("0.07")."""
+    return TRACKED if sigma_rel is None else CHOSEN if sigma_rel == CHOSEN else f"{float(sigma_rel):g}"
 
 
-def with_ema(name: str, sigma_rel: float) -> str:
+def with_ema(name: str, sigma_rel: float | str) -> str:
     """`name` (a metric or another result key) for the EMA of `sigma_rel`: "kid1k_ddim25" -> "kid1k_ddim25_ema0.10"."""
     return f"{name}_{ema_label(sigma_rel)}"
 
 
-def split_ema(name: str) -> tuple[str, float | None]:
-    """("kid1k_ddim25", 0.1) for "kid1k_ddim25_ema0.10"; (name, None) for a name without an EMA suffix."""
+def split_ema(name: str) -> tuple[str, float | str | None]:
+    """("kid1k_ddim25", 0.1) for "kid1k_ddim25_ema0.10", ("kid1k_ddim25", CHOSEN) for "kid1k_ddim25_emachosen";
+    (name, None) for a name without an EMA suffix."""
     m = _EMA.match(name or "")
-    return (m.group(1), float(m.group(2))) if m else (name, None)
+    if not m:
+        return name, None
+    return m.group(1), CHOSEN if m.group(2) == CHOSEN else float(m.group(2))
 
 
 def is_metric_name(name: str) -> bool:

@@ -82,8 +82,12 @@ def generated_images(cfg, n_evals: int, cheap=()) -> int:
         return 0
     per_point = ev.num_samples * (1 if cfg.metric else len(ev.sampling_steps))
     last = ev.num_samples * len(ev.sampling_steps) if ev.full_at_end else per_point
-    emas = 1 + len(ev.ema_sigma_rels)  # each post-hoc EMA is scored like the tracked one at every point
-    return emas * (per_point * max(n_evals - 1 - len(cheap), 0) + sum(cheap) + last)
+    one = per_point * max(n_evals - 1 - len(cheap), 0) + sum(cheap) + last
+    if ev.ema_choose_on:  # at most: every EMA on the cheap metric, and one more EMA on the point's metrics
+        from .metrics import parse_metric_name
+
+        return 2 * one + (1 + len(ev.ema_sigma_rels)) * parse_metric_name(ev.ema_choose_on)[1] * n_evals
+    return (1 + len(ev.ema_sigma_rels)) * one  # each post-hoc EMA is scored like the tracked one at every point
 
 
 def describe_training(cfg, extra_eval_points=()) -> str:

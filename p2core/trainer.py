@@ -464,21 +464,74 @@ class Trainer:
             specs = [check_metric_produced(self.cfg.metric, self.cfg)]
         t0 = time.perf_counter()
         results = self.evaluator.evaluate_model(self.ema.model, specs, seed=ev.seed, extra_metrics=own)
-        if ev.ema_sigma_rels:  # the same metrics, noise and seed for each reconstructed EMA (paired)
-            from .metrics import with_ema
-
+        if ev.ema_sigma_rels:
             t1 = time.perf_counter()
             if self._snapshot_at != self.images_seen:
                 self.save_snapshot()  # so that what is scored here can be rebuilt from the files (best --export)
-            for s, model in self.ema.reconstructed(ev.ema_sigma_rels, self.snapshot_dir):
-                more = self.evaluator.evaluate_model(model, specs, seed=ev.seed, extra_metrics=own)
-                results.update({with_ema(k, s): v for k, v in more.items() if k != "ref_samples"})
+            if ev.ema_choose_on:
+                self._evaluate_chosen_ema(results, specs, own)
+            else:
+                self._evaluate_each_ema(results, specs, own)
             results["ema_eval_seconds"] = time.perf_counter() - t1
         rec = {"kind": "eval", "images_seen": self.images_seen, **results,
                "eval_seconds": time.perf_counter() - t0, "final": final, "points": list(points)}
         self._log(rec)
         self._call("on_eval", rec)
         return rec
+
+    def _evaluate_each_ema(self, results: dict, specs, own) -> None:
+        """The same metrics, noise and seed for each reconstructed EMA (paired), added to `results`."""
+        from .metrics import with_ema
+
+        ev = self.cfg.eval
+        for s, model in self.ema.reconstructed(ev.ema_sigma_rels, self.snapshot_dir):
+            more = self.evaluator.evaluate_model(model, specs, seed=ev.seed, extra_metrics=own)
+            results.update({with_ema(k, s): v for k, v in more.items() if k != "ref_samples"})
+
+    def _evaluate_chosen_ema(self, results: dict, specs, own) -> None:
+        """The cheap path (`eval.ema_choose_on`): every EMA (the tracked one first, then each reconstructed one) on
+        the cheap metric alone, then the point's metrics (`specs`, `own`) for the EMA it ranks lowest, named
+        `<name>_emachosen`; its sigma_rel in `ema_chosen` (and `ema_chosen_tracked` 1 when it is the tracked
+        EMA). A tie keeps the earlier EMA (the tracked one first). Every EMA's cheap score comes from the same
+        number of images and noise. Generation counts and times of the extra evaluations carry the EMA's suffix,
+        as in `_evaluate_each_ema` (the tracked EMA's cheap one: the prefix `choose_`)."""
+        from .metrics import CHOSEN, parse_metric_name, steps_label, with_ema
+        from .respace import parse_respacing
+
+        ev, cheap = self.cfg.eval, self.cfg.eval.ema_choose_on
+        asked = set(own) | set(self.evaluator.configured_metrics(specs))
+        _, n, spec = parse_metric_name(cheap)
+        lab = steps_label(parse_respacing(spec))
+        if not (cheap in results and results.get(f"gen_images_{lab}") == n):
+            # paired: the tracked EMA's cheap score from as many images as the others' (a generation's noise
+            # depends on its size), its generation counted apart from the point's own
+            more = self.evaluator.evaluate_model(self.ema.model, [], seed=ev.seed, extra_metrics=[cheap])
+            results.update({f"choose_{k}": v for k, v in more.items() if k.startswith(("gen_", "feat_"))})
+            if cheap not in asked:
+                results[cheap] = more[cheap]
+            tracked_v = more[cheap]
+        else:
+            tracked_v = results[cheap]
+        best_s, best_v, best_sd = None, tracked_v, None
+        for s, model in self.ema.reconstructed(ev.ema_sigma_rels, self.snapshot_dir):
+            more = self.evaluator.evaluate_model(model, [], seed=ev.seed, extra_metrics=[cheap])
+            results.update({with_ema(k, s): v for k, v in more.items() if k != "ref_samples"})
+            v = more[cheap]
+            if v < best_v or (math.isnan(best_v) and not math.isnan(v)):
+                best_s, best_v = s, v
+                best_sd = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        if best_sd is None:  # the tracked EMA won: its point metrics are computed already
+            chosen = {k: results[k] for k in asked}
+        elif asked <= {cheap}:  # the point asks for the cheap metric alone (a rung judged on it): known already
+            chosen = {k: best_v for k in asked}
+        else:
+            model = self.ema._scratch
+            model.load_state_dict(best_sd)
+            chosen = self.evaluator.evaluate_model(model, specs, seed=ev.seed, extra_metrics=own)
+            chosen.pop("ref_samples", None)
+        results.update({with_ema(k, CHOSEN): v for k, v in chosen.items()})
+        results["ema_chosen"] = float(self.ema.eval_sigma_rel if best_s is None else best_s)
+        results["ema_chosen_tracked"] = float(best_s is None)
 
     def sample_grid(self) -> str | None:
         n = self.cfg.train.grid_samples

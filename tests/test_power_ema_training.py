@@ -336,6 +336,117 @@ def test_eval_ema_sigma_rels_evaluates_each_reconstruction_from_the_same_noise(t
         assert again[m] == pytest.approx(e[f"{m}_ema0.07"], rel=1e-6), t
 
 
+class ScriptedEvaluator:
+    """An evaluator whose cheap metric `cheap` takes its values from `script` in call order, and whose every other
+    metric is a fingerprint of the weights scored (so a test can tell which EMA was evaluated)."""
+
+    def __init__(self, cheap, script):
+        self.cheap, self.script, self.calls = cheap, list(script), []
+
+    def configured_metrics(self, specs):
+        return [f"r{k}16_{s}" for s in specs for k in ("kid", "fid")]
+
+    def evaluate_model(self, model, specs, seed=0, extra_metrics=()):
+        from p2core.metrics import parse_metric_name
+
+        self.calls.append((list(specs), list(extra_metrics)))
+        fp = fingerprint(model.state_dict())
+        out = {m: fp for m in self.configured_metrics(specs)}
+        out.update({m: self.script.pop(0) if m == self.cheap else fp for m in extra_metrics})
+        for m in list(out):  # images generated per spec, as the real evaluator reports them
+            _, n, spec = parse_metric_name(m)
+            out[f"gen_images_{spec}"] = max(n, out.get(f"gen_images_{spec}", 0))
+        return {**out, "ref_samples": 32}
+
+
+def fingerprint(sd):
+    return float(sum(v.double().mul(i + 1).sum() for i, v in enumerate(sd.values()) if v.is_floating_point()))
+
+
+def test_ema_choose_on_scores_every_ema_cheaply_then_the_chosen_one_fully(tmp_path):
+    """eval.ema_choose_on: at each point the tracked EMA (0.10) and each listed sigma_rel get the cheap metric only;
+    the lowest (a tie keeps the tracked one) gets the point's metrics, under `_emachosen`; these are the metrics of
+    the reconstruction from the files up to that point (or the tracked values when it wins)."""
+    out, cheap = str(tmp_path / "run"), "rkid8_ddim5"
+    cfg = tiny_cfg(train={"total_images": 96, "eval_every_images": 32,
+                          "ema": {**POWER, "snapshot_every_images": 16, "snapshot_dtype": "float32"}},
+                   eval={"enabled": True, "ema_sigma_rels": [0.07, 0.15], "ema_choose_on": "rkid8_ddim5"})
+    tr = Trainer.from_config(cfg, out, progress=False)
+    # (tracked, 0.07, 0.15) at 32, 64, 96: 0.07 wins; a tie with the tracked one keeps it; 0.15 wins
+    tr.evaluator = ScriptedEvaluator(cheap, [0.5, 0.4, 0.6, 0.3, 0.3, 0.9, 0.5, 0.7, 0.2])
+    tr.run()
+    evals = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["kind"] == "eval"]
+    assert [e["images_seen"] for e in evals] == [32, 64, 96]
+    assert [e["ema_chosen"] for e in evals] == [0.07, 0.10, 0.15]
+    assert [(e[cheap], e[f"{cheap}_ema0.07"], e[f"{cheap}_ema0.15"]) for e in evals] == [
+        (0.5, 0.4, 0.6), (0.3, 0.3, 0.9), (0.5, 0.7, 0.2)]
+    # the cheap path: per point the tracked EMA's evaluation (its cheap metric with it), 2 cheap ones, and one
+    # evaluation more only where another EMA won
+    three = [([], [cheap])] * 3  # the tracked EMA's cheap score from as many images (8) as the others'
+    assert tr.evaluator.calls == ([(["ddim5"], [])] + three + [(["ddim5"], [])] + [(["ddim5"], [])] + three
+                                  + [(["ddim5"], [])] + three + [(["ddim5"], [])])
+    assert [e["ema_chosen_tracked"] for e in evals] == [0.0, 1.0, 0.0]
+    assert all(e["choose_gen_images_ddim5"] == 8 for e in evals)
+    for e in evals:
+        assert not any(k.startswith("rfid16_ddim5_ema0") or k.startswith("rkid16_ddim5_ema0") for k in e), e
+        assert f"{cheap}_emachosen" not in e  # only the point's own metrics for the chosen EMA
+        t = e["images_seen"]
+        if e["ema_chosen"] == 0.10:
+            want = e["rkid16_ddim5"]
+        else:
+            snaps = phema.load_snapshots(os.path.join(out, "ema_snapshots"), upto_images=t)
+            want = fingerprint(phema.reconstruct(snaps, e["ema_chosen"], t))
+            assert want != pytest.approx(e["rkid16_ddim5"], rel=1e-6)  # another model than the tracked one
+        assert e["rkid16_ddim5_emachosen"] == pytest.approx(want, rel=1e-9)
+        assert e["rfid16_ddim5_emachosen"] == e["rkid16_ddim5_emachosen"]
+    from p2core import plan
+
+    one = plan.generated_images(tiny_cfg(eval={"enabled": True}), 3)
+    assert plan.generated_images(cfg, 3) == 2 * one + 3 * 8 * 3
+
+
+def test_ema_choose_on_at_a_rung_judged_on_the_cheap_metric_scores_each_ema_once(tmp_path):
+    """An ASHA rung whose own metric is the cheap one: the chosen EMA's value is the one it was chosen on."""
+    out, cheap = str(tmp_path / "run"), "rkid8_ddim5"
+    cfg = tiny_cfg(train={"total_images": 64, "ema": {**POWER, "snapshot_every_images": 16,
+                                                      "snapshot_dtype": "float32"}},
+                   eval={"enabled": True, "ema_sigma_rels": [0.07, 0.15], "ema_choose_on": cheap})
+    tr = Trainer.from_config(cfg, out, progress=False, extra_eval_points=[32], point_metrics={32: [cheap]})
+    tr.evaluator = ScriptedEvaluator(cheap, [0.5, 0.4, 0.6, 0.3, 0.3, 0.9])
+    tr.run()
+    first = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["kind"] == "eval"][0]
+    assert first["images_seen"] == 32 and first["ema_chosen"] == 0.07 and first[f"{cheap}_emachosen"] == 0.4
+    # at 32 the tracked EMA's rung evaluation is its cheap score (8 images); no 4th call: the value is known
+    # at 64 the tie keeps the tracked EMA: nothing more
+    assert tr.evaluator.calls == [([], [cheap])] * 3 + [(["ddim5"], [])] + [([], [cheap])] * 3
+
+
+def test_ema_choose_on_with_the_real_evaluator(tmp_path):
+    out = str(tmp_path / "run")
+    cfg = tiny_cfg(train={"total_images": 64, "ema": {**POWER, "snapshot_every_images": 16}},
+                   eval={"enabled": True, "ema_sigma_rels": [0.07], "ema_choose_on": "rkid8_ddim3"})
+    Trainer.from_config(cfg, out, progress=False).run()
+    e = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["kind"] == "eval"][-1]
+    c, s = e["rkid8_ddim3"], e["rkid8_ddim3_ema0.07"]
+    assert e["ema_chosen"] == (0.07 if s < c else 0.10)
+    if s >= c:
+        assert e["rkid16_ddim5_emachosen"] == e["rkid16_ddim5"]
+    else:
+        assert e["rkid16_ddim5_emachosen"] != e["rkid16_ddim5"]
+
+
+@pytest.mark.parametrize("ev, msg", [
+    ({"ema_choose_on": "rkid8_ddim5"}, "eval.ema_choose_on: needs eval.ema_sigma_rels"),
+    ({"ema_sigma_rels": [0.07], "ema_choose_on": "kid8_ddim5"}, "eval.ema_choose_on: kid8_ddim5 needs eval.extractor"),
+    ({"ema_sigma_rels": [0.07], "ema_choose_on": "rkid8"}, "eval.ema_choose_on: bad metric name"),
+])
+def test_ema_choose_on_errors(ev, msg):
+    with pytest.raises(UserError, match=msg):
+        tiny_cfg(train={"ema": POWER}, eval=ev)
+    assert tiny_cfg(train={"ema": POWER}, eval={"ema_sigma_rels": [0.07], "ema_choose_on": "rkid1000_ddim5"}
+                    ).eval.ema_choose_on == "rkid1k_ddim5"
+
+
 def test_ema_metric_names():
     from p2core.metrics import ema_label, is_metric_name, split_ema, with_ema
 
@@ -343,6 +454,8 @@ def test_ema_metric_names():
     assert with_ema("kid1k_ddim25", 0.1) == "kid1k_ddim25_ema0.10"
     assert split_ema("kid1k_ddim25_ema0.10") == ("kid1k_ddim25", 0.1)
     assert split_ema("kid1k_ddim25") == ("kid1k_ddim25", None)
+    assert with_ema("kid1k_ddim25", "chosen") == "kid1k_ddim25_emachosen"
+    assert split_ema("kid1k_ddim25_emachosen") == ("kid1k_ddim25", "chosen")
     assert not is_metric_name("kid1k_ddim25_ema0.10")  # the sweep's own metric names keep their meaning
 
 

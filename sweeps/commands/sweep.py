@@ -6,6 +6,7 @@ import os
 import sys
 
 from p2core.errors import UserError
+from p2core.metrics import CHOSEN
 
 from .. import compat
 from ..results import trials as R
@@ -107,17 +108,20 @@ def cmd_best(args) -> int:
               "yes" if r.complete else "no",
               os.path.relpath(r.checkpoints[0], meta.dir) if r.checkpoints and r.checkpoints[0] else "-"]
              for r in rows]
-    by = f"{meta.metric.split('_')[0]}_<steps>" + ("[_ema<sigma_rel>]" if emas else "")
+    by = f"{meta.metric.split('_')[0]}_<steps>" + ("[_ema<sigma_rel>|_emachosen]" if emas else "")
     print(f"sweep {args.name}: ranked by {by} ({args.scope} evaluation, mean over the seeds that reached the same "
           f"point; complete rows (every seed trained to the end) first, rows that lost seeds last)")
     if emas:
         print("ema: `tracked` is the EMA profile evaluated during training; a sigma_rel is that EMA reconstructed post "
-              "hoc from the snapshots; the best row is the minimum over every (steps, ema), an optimistic choice")
+              "hoc from the snapshots; `chosen (...)` is, per seed, the EMA the cheap metric eval.ema_choose_on "
+              "ranked first at that point (the sigma_rels it chose); the best row is the minimum over every "
+              "(steps, ema), an optimistic choice")
     print(format_table(header, table))
     _print_baselines(meta, "baselines (evaluated, not trained; not ranked):")
     best = rows[0]
     note = "" if best.complete else "  (NOT complete: no configuration finished with all its seeds)"
-    ema = "" if best.ema is None else f", EMA sigma_rel {best.ema:g}"
+    ema = "" if best.ema is None else f", EMA {best.ema_label}" if best.ema == CHOSEN else \
+        f", EMA sigma_rel {best.ema:g}"
     print(f"best: {best.config} with steps {best.spec}{ema}: {best.mean:.5g} +- {best.std:.3g} over {best.n} "
           f"seed(s){note}")
     if best.checkpoints and best.checkpoints[0]:
@@ -127,17 +131,17 @@ def cmd_best(args) -> int:
                   f"p2sweep sample trainer.pt --steps {best.spec})")
         else:
             print(f"checkpoint: {ck}  (p2sweep sample {ck} --steps {best.spec})")
-    if best.ema is not None and not args.export:
+    if best.sigma_rel is not None and not args.export:
         print(f"note: the checkpoint holds the tracked EMA; `--export FILE` also writes the EMA of sigma_rel "
-              f"{best.ema:g} (reconstructed from the snapshots) as a bare state_dict")
+              f"{best.sigma_rel:g} (reconstructed from the snapshots) as a bare state_dict")
     if args.export:
         from p2core.atomic import atomic_write_text
 
         atomic_write_text(args.export, R.best_export_yaml(meta, best, trials))
         print(f"exported: {args.export}  (train it: p2sweep train {args.export})")
-        if best.ema is not None:
+        if best.sigma_rel is not None:
             w = R.export_ema_weights(best, trials, R.ema_weights_path(args.export, best))
-            print(f"exported: {w}  (the EMA of sigma_rel {best.ema:g} at {best.images_seen} images, a bare "
+            print(f"exported: {w}  (the EMA of sigma_rel {best.sigma_rel:g} at {best.images_seen} images, a bare "
                   f"state_dict with the official P2 key names)")
     return 0
 

@@ -5,6 +5,7 @@ baselines evaluated); a sweep without it does not exist, so a `run` that failed 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -71,6 +72,12 @@ class SweepMeta:
     @property
     def dir(self) -> str:
         return join(self.paths.storage, self.name)
+
+    def base_config(self):
+        """The base training config as a `TrainingConfig` (validated again)."""
+        from p2core.config import config_from_dict
+
+        return config_from_dict(copy.deepcopy(self.base))
 
     @property
     def study_name(self) -> str:

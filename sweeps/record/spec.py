@@ -216,7 +216,9 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     if ema_rule == "best":
         _need(bool(cfg.eval.ema_sigma_rels), "scheduler.ema_rule",
               "best needs eval.ema_sigma_rels in the base config (the post-hoc EMAs to choose from)")
-        swept = [k for k in space if k == "eval.ema_sigma_rels" or k.startswith("train.ema")]
+        _need(not cfg.eval.ema_choose_on, "scheduler.ema_rule", "best cannot be combined with eval.ema_choose_on "
+              "(which scores the other EMAs on one cheap metric only, not on each rung's)")
+        swept = [k for k in space if k in ("eval.ema_sigma_rels", "eval.ema_choose_on") or k.startswith("train.ema")]
         _need(not swept, "scheduler.ema_rule", f"best cannot be combined with a searched {', '.join(swept)} "
               "(configurations would choose among different EMAs)")
     stype = sch.get("type", "asha")

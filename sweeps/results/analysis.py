@@ -11,7 +11,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from p2core.metrics import family_of, parse_metric_name, split_ema, steps_from_label
+from p2core.metrics import CHOSEN, family_of, parse_metric_name, split_ema, steps_from_label
 from p2core.weighting import SNR_PHASE_NAMES
 
 from ..record.replicate import trial_config
@@ -68,7 +68,7 @@ class Comparison:
             what = (f"{kind.upper()}-{n} ({spec}; each at its own best EMA: {ema_words(self.metric)} against the "
                     f"baseline's {ema_words(self.baseline_metric)})")
         else:
-            what = f"{kind.upper()}-{n} ({spec}" + ("" if ema is None else f", EMA sigma_rel {ema:g}") + ")"
+            what = f"{kind.upper()}-{n} ({spec}" + ("" if ema is None else f", {ema_words(self.metric)}") + ")"
         if self.n < 2:
             return (f"{arm_label}: {what} {self.diff:+.3g} against the baseline with {self.n} paired seed at "
                     f"{self.images_seen:,} images: no interval (at least 2 seeds are needed)")
@@ -152,6 +152,8 @@ def curve(trials: list[Trial], name: str) -> list[dict]:
 
 def ema_words(name: str) -> str:
     e = split_ema(name)[1]
+    if e == CHOSEN:
+        return "the EMA each seed's cheap metric chose (eval.ema_choose_on)"
     return "the tracked EMA" if e is None else f"EMA sigma_rel {e:g}"
 
 
@@ -188,11 +190,12 @@ def verdict(c: Comparison | None) -> str:
 
 
 def own_best_ema(arm_trials: list[Trial], base_trials: list[Trial], names: list[str], mean_of, arm, base,
-                 seeds_expected: int = 0) -> list[dict]:
+                 seeds_expected: int = 0, arm_label: str = "") -> list[dict]:
     """For each sampling spec whose metric has post-hoc EMAs among `names`: the arm against its baseline at one
     common EMA (the tracked one) and with each at its own best EMA (the name of lowest `mean_of(group, name)`, the
     row mean `best` shows), and whether the verdict (better / worse / not distinguishable) changes. Choosing each
-    arm's minimum is optimistic for both alike."""
+    arm's minimum is optimistic for both alike. Each entry's `sentence` words the own-best comparison for
+    `arm_label` (default: the arm's key)."""
     out = []
     for plain in sorted({split_ema(n)[0] for n in names if split_ema(n)[1] is not None}):
         cands = [n for n in names if split_ema(n)[0] == plain]
@@ -210,7 +213,8 @@ def own_best_ema(arm_trials: list[Trial], base_trials: list[Trial], names: list[
         out.append({"spec_metric": plain, "arm": arm, "baseline": base, "arm_metric": pick[arm],
                     "baseline_metric": pick[base], "common": common.to_dict() if common else None,
                     "own_best": best.to_dict(), "common_verdict": verdict(common), "own_best_verdict": verdict(best),
-                    "verdict_changes": verdict(common) != verdict(best)})
+                    "verdict_changes": verdict(common) != verdict(best),
+                    "sentence": best.sentence(arm_label or str(arm))})
     return out
 
 

@@ -59,10 +59,8 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
     ema_answer = []
     for g_s, b_s in paired_arms:
         g, b = next(k for k in groups if str(k) == g_s), next(k for k in groups if str(k) == b_s)
-        for x in A.own_best_ema(groups[g], groups[b], names, lambda grp, n: means.get((grp, n)), g, b,
-                                len(meta.seeds)):
-            best = A.Comparison(**{k: v for k, v in x["own_best"].items() if k not in ("n", "distinguishable")})
-            ema_answer.append({**x, "arm_label": labels[g], "sentence": best.sentence(labels[g])})
+        ema_answer += [{**x, "arm_label": labels[g]} for x in A.own_best_ema(
+            groups[g], groups[b], names, lambda grp, n: means.get((grp, n)), g, b, len(meta.seeds), labels[g])]
     # the headline of each (arm, metric): the point with the most paired seeds, the latest on a tie
     heads = {}
     for c in comparisons:
@@ -74,8 +72,11 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
     phases = {}
     for g, ts in groups.items():
         phases[str(g)] = A.mean_phase_curve([A.phase_losses(rows_of[t.trial_id]) for t in ts])
-    stops = [{"trial": t.trial_id, "group": str(A.group_key(t)), "seed": t.seed, "images_seen": t.last_rung[0],
-              "judged_on": t.last_rung[1], "value": t.last_rung[2]}
+    judged = R.rung_judgements(trials)  # under ema_rule best: the EMA its configuration was judged on there
+    stops = [{"trial": t.trial_id, "group": str(A.group_key(t)), "seed": t.seed, "images_seen": judged[t.trial_id][0],
+              "judged_on": judged[t.trial_id][1] + (f" (EMA {judged[t.trial_id][3]})"
+                                                     if judged[t.trial_id][3] is not None else ""),
+              "value": judged[t.trial_id][2]}
              for t in trials if t.state == "STOPPED" and t.last_rung]
     costs = [A.trial_cost(t, rows_of[t.trial_id]) for t in trials]
     cost = A.cost_summary(costs, meta.max_images)

@@ -86,7 +86,12 @@ def sections(data: dict, figs: dict, grids: dict) -> list:
         s.append(("p", "A name ending in _ema<sigma_rel> is that power-function EMA reconstructed post hoc from the "
                        "trial's snapshots at each point (eval.ema_sigma_rels), scored from the same initial noise as "
                        "the tracked EMA (the name without the suffix). The best row is the minimum over every "
-                       "sampling spec and EMA, an optimistic choice; compare arms within one name."))
+                       "sampling spec and EMA, an optimistic choice; compare arms within one name."
+                       + (" A name ending in _emachosen is, for each seed at each point, the EMA (the tracked one or "
+                          "a listed sigma_rel) that the cheap metric eval.ema_choose_on ranked first there, scored "
+                          "on this metric: one selection rule for every arm, so arms compare within it; the choice "
+                          "is made on a cheaper metric from the same initial noise, correlated with this one, so "
+                          "it is still somewhat optimistic." if any(split_ema(n)[1] == "chosen" for n in data["tables"]) else "")))
     for name, rows in data["tables"].items():
         s.append(("h3", name))
         s.append(("table", (["", "arm", "images", "mean", "std", "seeds", "per-seed values (seed: value)", "complete"],

@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from p2core.metrics import ema_name, parse_metric_name, same_family, same_metric, split_ema
+from p2core.metrics import CHOSEN, ema_name, parse_metric_name, same_family, same_metric, split_ema
 
 from .. import compat
 from ..storage import fs as S
@@ -106,6 +106,7 @@ class Trial:
     node_ip: str = ""
     node: str = ""         # the Ray nodes it reported from, in order ("node_b > 3f2a9c01" after a node was lost)
     last_rung: tuple = ()  # (images_seen, rung metric, rung score) of the last report: what ASHA judged last
+    rung_candidates: dict = field(default_factory=dict)  # images_seen -> {EMA name: rung value} (ema_rule best)
 
     @property
     def params(self) -> dict:
@@ -161,8 +162,35 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
             node=" > ".join(_runs_of([r.node for r in reps if r.node])),
-            last_rung=_last_rung(last, metric)))
+            last_rung=_last_rung(last, metric),
+            rung_candidates={r.images_seen: dict(r.rung_candidates) for r in reps if r.rung_candidates}))
     return trials
+
+
+def rung_judgements(trials: list[Trial]) -> dict:
+    """trial_id -> (images_seen, rung metric, value, EMA name or None): what ASHA compared at each trial's last
+    rung. Under scheduler.ema_rule best (reports carry `rung_candidates`) a configuration is judged on one EMA, the
+    one `group_choice` gives over its seeds' candidates at that rung; the value is this seed's at that EMA, not the
+    tracked EMA's `last_rung` value. Else the EMA is None and the value `last_rung`'s."""
+    from ..record.trial_report import group_choice
+
+    by: dict = {}
+    for t in trials:
+        for p, c in t.rung_candidates.items():
+            by.setdefault((t.config_key, p), []).append(c)
+    out = {}
+    for t in trials:
+        if not t.last_rung:
+            continue
+        p, rm, rv = t.last_rung
+        cands = t.rung_candidates.get(p)
+        if cands:
+            ema = group_choice(by[(t.config_key, p)])[1]
+            if ema is not None and ema in cands:
+                out[t.trial_id] = (p, rm, cands[ema], ema)
+                continue
+        out[t.trial_id] = (p, rm, rv, None)
+    return out
 
 
 def _runs_of(xs: list) -> list:
@@ -265,17 +293,20 @@ def status_rows(trials: list[Trial], metric: str):
     keys = sorted({k for t in trials for k in t.params})
     header = ["trial", "config", "seed"] + keys + ["state", "images", f"latest {metric}", f"best {metric}", "node"]
     # multi-fidelity: a trial stopped at a low rung has no sweep-metric value; say what it was judged on
+    judged = rung_judgements(trials)
     low = any(t.last_rung and t.last_rung[1] != metric for t in trials)
-    if low:
+    by_ema = any(j[3] is not None for j in judged.values())  # ema_rule best: each configuration on one EMA
+    if low or by_ema:
         header.append("last rung judged on")
     rows = []
     for t in trials:
         state = t.state + (" (kept; resume --retry-errored retries it)" if t.state == "ERROR" else "")
         row = ([t.trial_id, str(t.group), str(t.seed)] + [_fmt(t.params.get(k)) for k in keys] +
                [state, str(t.images_seen), _fmt(t.latest), _fmt(t.best), t.node or t.node_ip or "-"])
-        if low:
-            r = t.last_rung
-            row.append(f"{r[1]} = {_fmt(r[2])} at {r[0]}" if r and r[1] != metric else "-")
+        if low or by_ema:
+            r = judged.get(t.trial_id)
+            ema = f" (EMA {r[3]})" if r and r[3] is not None else ""
+            row.append(f"{r[1]}{ema} = {_fmt(r[2])} at {r[0]}" if r and (r[1] != metric or ema) else "-")
         rows.append(row)
     return header, rows
 
@@ -299,11 +330,22 @@ class Row:
     #                           seed of the configuration reached max_images without diverging (scope best)
     mean: float = math.inf
     std: float = 0.0
-    ema: float | None = None  # the sigma_rel of a reconstructed EMA (eval.ema_sigma_rels); None: the tracked EMA
+    ema: float | str | None = None  # the sigma_rel of a reconstructed EMA (eval.ema_sigma_rels); None: the tracked
+    #                                 EMA; CHOSEN: the one eval.ema_choose_on ranked first (per seed, `chosen`)
+    chosen: list = field(default_factory=list)  # CHOSEN rows: the sigma_rel each counted seed's cheap metric chose
+    #                                               (None: the tracked EMA)
 
     @property
     def ema_label(self) -> str:
+        if self.ema == CHOSEN:
+            return f"{CHOSEN} ({', '.join(ema_name(s) for s in self.chosen)})"
         return ema_name(self.ema)
+
+    @property
+    def sigma_rel(self) -> float | None:
+        """The sigma_rel `best --export` reconstructs: the row's own, or the one its first seed chose there; None:
+        the tracked EMA (the checkpoint's weights)."""
+        return self.chosen[0] if self.ema == CHOSEN else self.ema
 
     @property
     def n(self) -> int:
@@ -405,6 +447,8 @@ def group_rows(trials: list[Trial], metric: str, max_images: int, seeds_expected
             row = Row(group=ts[0].group, config=ts[0].params, spec=parse_metric_name(plain)[2], metric=name, ema=ema,
                       images_seen=p, values=vals, seeds=[t.seed for t in used], trials=[t.trial_id for t in used],
                       checkpoints=[t.checkpoints.get(p, "") for t in used], seeds_expected=seeds_expected,
+                      chosen=[None if t.points[p].get("ema_chosen_tracked") else t.points[p].get("ema_chosen")
+                              for t in used] if ema == CHOSEN else [],
                       full_length=trained if fixed is not None else p >= max_images)
             finite = all(math.isfinite(v) for v in vals)
             row.mean = statistics.fmean(vals) if finite else math.inf
@@ -425,18 +469,23 @@ def best_export_yaml(meta, row: Row, trials: list[Trial]) -> str:
 
     first = next(t for t in trials if t.trial_id == row.trials[0])
     cfg = trial_config(meta.base, first.config)
+    cheap = cfg.eval.ema_choose_on
     kind, n, _ = parse_metric_name(meta.metric)
     cfg.eval.sampling_steps = [row.spec]
     if row.ema is not None:  # the winner's EMA is scored beside the tracked one when this config trains
-        cfg.eval.ema_sigma_rels = [row.ema]
+        cfg.eval.ema_sigma_rels = [row.sigma_rel] if row.sigma_rel is not None else []
+        cfg.eval.ema_choose_on = ""
     cfg.metric = metric_name(kind.lstrip("r"), n, row.spec, cfg.eval.extractor)
     cfg = config_from_dict(cfg.to_dict())  # validated again: the metric must be one this config produces
     lost = f"; {row.lost} seed(s) lost" if row.lost else ""
+    chose = (f" (chosen there by {cheap or 'the cheap metric'} for seed "
+             f"{first.seed}; the seeds chose {', '.join(ema_name(s) for s in row.chosen)})" if row.ema == CHOSEN else "")
     head = (f"# Best configuration of sweep {meta.name!r} by {row.metric} = {row.mean:.6g} (+- {row.std:.3g} over "
             f"{row.n} seed(s) {row.seeds} at {row.images_seen} images{lost}); trial(s): {', '.join(row.trials)}\n"
-            + (f"# The row's EMA: sigma_rel {row.ema:g}, reconstructed post hoc from the power-EMA snapshots (metric "
-               f"{row.metric}; the winner over the sweep's sampling specs and EMAs, so optimistic).\n"
-               if row.ema is not None else "") +
+            + (f"# The row's EMA: sigma_rel {row.sigma_rel:g}{chose}, reconstructed post hoc from the power-EMA "
+               f"snapshots (metric {row.metric}; the winner over the sweep's sampling specs and EMAs, so "
+               f"optimistic).\n" if row.sigma_rel is not None else
+               f"# The row's EMA: the tracked one{chose} (metric {row.metric}).\n" if row.ema is not None else "") +
             f"# This is trial {first.trial_id} (seed {first.seed}) as it ran. Exported by `p2sweep best --export`;\n"
             f"# train it with `p2sweep train THIS_FILE` (set train.total_images).\n")
     return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -446,7 +495,7 @@ def ema_weights_path(export_path: str, row: Row) -> str:
     """Where `best --export FILE` writes the weights of an EMA row: beside FILE, named by sigma_rel and images."""
     from p2core.metrics import ema_label
 
-    return f"{os.path.splitext(export_path)[0]}_{ema_label(row.ema)}_{row.images_seen:012d}.pt"
+    return f"{os.path.splitext(export_path)[0]}_{ema_label(row.sigma_rel)}_{row.images_seen:012d}.pt"
 
 
 def export_ema_weights(row: Row, trials: list[Trial], path: str) -> str:
@@ -469,14 +518,14 @@ def export_ema_weights(row: Row, trials: list[Trial], path: str) -> str:
              and int(phema.SNAPSHOT_NAME.match(n).group(1)) <= row.images_seen]
     if not names:
         raise UserError(f"{folder}: no power-EMA snapshot up to {row.images_seen} images to reconstruct "
-                        f"sigma_rel {row.ema:g} from")
+                        f"sigma_rel {row.sigma_rel:g} from")
     with tempfile.TemporaryDirectory() as tmp:
         local = folder
         if S.is_uri(folder):  # only the snapshots this point uses come over
             local = os.path.join(tmp, "ema_snapshots")
             for n in names:
                 S.download(S.join(folder, n), os.path.join(local, n))
-        sd = phema.reconstruct(phema.load_snapshots(local, upto_images=row.images_seen, mmap=True), row.ema,
+        sd = phema.reconstruct(phema.load_snapshots(local, upto_images=row.images_seen, mmap=True), row.sigma_rel,
                                row.images_seen)
         atomic_torch_save({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}, path)
     return path

@@ -168,7 +168,7 @@ def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str, verbose: bool = F
     from ..record.trial_report import SCORE
     from ..tracking.callback import MLflowTracker
 
-    tracker = MLflowTracker(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, spec.base_config().flat(),
+    tracker = MLflowTracker(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, meta.base_config().flat(),
                             spec.metric, spec.max_images, meta.name, meta.dir)
     extra = console_callbacks(spec, verbose)
     storage_path, fs = S.ray_storage(meta.paths.storage)
@@ -411,8 +411,6 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
 def finish(meta: SweepMeta, interrupted: bool = False) -> list:
     """Write what MLflow missed, close runs left RUNNING, then put the results table and the metric-vs-images plot
     on the parent run. Returns the sweep's trials (results.Trial)."""
-    from p2core.config import config_from_dict
-
     from ..results.plots import plot_history
     from ..tracking.client import Retrying, client
     from ..tracking.repair import backfill_artifacts, reconcile, write_pending
@@ -422,7 +420,7 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
     states = R.known_states(meta.dir)
     try:
         left = write_pending(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id,
-                             config_from_dict(dict(meta.base)).flat(), meta.name, meta.dir,
+                             meta.base_config().flat(), meta.name, meta.dir,
                              {t.trial_id: t.dir for t in trials})
         reconcile(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id, states, meta.max_images)
         try:
