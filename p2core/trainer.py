@@ -507,7 +507,9 @@ class Trainer:
             # depends on its size), its generation counted apart from the point's own
             more = self.evaluator.evaluate_model(self.ema.model, [], seed=ev.seed, extra_metrics=[cheap])
             results.update({f"choose_{k}": v for k, v in more.items() if k.startswith(("gen_", "feat_"))})
-            if cheap not in asked:
+            if cheap in asked:  # the point's own value (from more images) stays; the one compared is kept too
+                results[f"choose_{cheap}"] = more[cheap]
+            else:
                 results[cheap] = more[cheap]
             tracked_v = more[cheap]
         else:

@@ -386,7 +386,7 @@ def test_ema_choose_on_scores_every_ema_cheaply_then_the_chosen_one_fully(tmp_pa
     assert tr.evaluator.calls == ([(["ddim5"], [])] + three + [(["ddim5"], [])] + [(["ddim5"], [])] + three
                                   + [(["ddim5"], [])] + three + [(["ddim5"], [])])
     assert [e["ema_chosen_tracked"] for e in evals] == [0.0, 1.0, 0.0]
-    assert all(e["choose_gen_images_ddim5"] == 8 for e in evals)
+    assert all(e["choose_gen_images_ddim5"] == 8 and e["gen_images_ddim5"] == 16 for e in evals)
     for e in evals:
         assert not any(k.startswith("rfid16_ddim5_ema0") or k.startswith("rkid16_ddim5_ema0") for k in e), e
         assert f"{cheap}_emachosen" not in e  # only the point's own metrics for the chosen EMA

@@ -86,9 +86,11 @@ def test_counts_of_the_ema_dimension():
     assert not sc.same_choice(w, wc, 0.10)
     assert sc.same_choice(wc, ((("diffusion.p2_gamma", 1.0),), "ddim10", 0.10, 0.25), 0.10)
     assert sc.chosen_against_full(cheap, full, "kid128", SPECS, 0.10) == pytest.approx(0.0)
-    # a NaN is never a winner
+    # a NaN is never a winner, not even as the first value visited
+    full[0]["rows"][-1]["kid128_ddim10"] = float("nan")
     full[1]["rows"][-1]["kid128_ddim10_ema0.05"] = float("nan")
     assert sc.winner(full, "kid128", SPECS, (None, 0.05, 0.20))[1:4] == ("ddim25", 0.05, pytest.approx(0.24))
+    assert sc.winner([full[0]], "kid128", ["ddim10"]) is None
 
 
 def test_steps_of_specs():

@@ -105,3 +105,30 @@ def test_ema_choose_on_gives_one_chosen_row_per_spec_and_exports_each_seeds_choi
     if picks[0] is not None:  # the tracked EMA's weights are the checkpoint's: nothing to reconstruct
         w = R.export_ema_weights(row, ts, R.ema_weights_path(str(tmp_path / "best.yaml"), row))
         assert w.endswith(f"best_ema{picks[0]:.2f}_000000000064.pt")
+
+
+def test_a_chosen_row_whose_first_seed_kept_the_tracked_ema_exports_no_reconstruction():
+    """The tracked EMA's weights are the checkpoint's: the export names it and lists no post-hoc EMA."""
+    from types import SimpleNamespace
+
+    from sweeps.results import trials as R
+
+    base = yaml.safe_load(open(os.path.join(ROOT, "search_spaces", "smoke.yaml")))["base"]
+    base["train"]["ema"] = {"type": "power", "sigma_rels": [0.05, 0.10], "snapshot_every_images": 32}
+    base["eval"].update(ema_sigma_rels=[0.07], ema_choose_on="rkid16_ddim5")
+    t = SimpleNamespace(trial_id="t0", seed=0, config={"train.seed": 0})
+    meta = SimpleNamespace(base=base, metric=M, name="s")
+    row = R.Row(group=0, config={}, spec="ddim5", metric=f"{M}_emachosen", images_seen=64, values=[0.2, 0.3],
+                seeds=[0, 1], trials=["t0", "t1"], checkpoints=["", ""], seeds_expected=2, full_length=True,
+                mean=0.25, ema="chosen", chosen=[None, 0.07])
+    assert row.sigma_rel is None and row.ema_label == "chosen (tracked, 0.07)"
+    text = R.best_export_yaml(meta, row, [t])
+    assert "The row's EMA: the tracked one (chosen there by rkid16_ddim5 for seed 0; the seeds chose tracked, 0.07)" in text
+    assert "reconstructed" not in text and "sigma_rel" not in text.split("\n# This is")[0]
+    ev = yaml.safe_load(text)["eval"]
+    assert ev["ema_sigma_rels"] == [] and ev["ema_choose_on"] == ""
+    row.chosen = [0.07, None]
+    text = R.best_export_yaml(meta, row, [t])
+    assert "The row's EMA: sigma_rel 0.07 (chosen there by rkid16_ddim5" in text and "reconstructed post hoc" in text
+    assert yaml.safe_load(text)["eval"]["ema_sigma_rels"] == [0.07]
+

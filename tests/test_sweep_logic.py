@@ -678,30 +678,6 @@ def test_ema_rule_best_in_reports_asha_and_optuna(tmp_path):
     assert o2.study.get_trials()[0].value == pytest.approx(0.2)
 
 
-def test_ema_rule_best_status_and_report_show_what_asha_compared(tmp_path):
-    """A seed stopped under ema_rule best shows its value at its configuration's EMA (0.05, chosen over both seeds),
-    not the tracked EMA's rung value."""
-    from sweeps.record.trial_report import TrialReport
-    from sweeps.results.trials import load_trials, rung_judgements, status_rows
-
-    cands = {"a0": {"tracked": 0.30, "0.05": 0.25}, "a1": {"tracked": 0.26, "0.05": 0.29}}
-    for tid, c in cands.items():
-        os.makedirs(tmp_path / tid)
-        cfg = {"p2sweep_group": 0, "train.seed": int(tid[1]), "train.lr": 1e-3}
-        rep = TrialReport.make("m", c["tracked"], 100, rung_candidates=c, evals={"m": c["tracked"]}).to_result()
-        (tmp_path / tid / "result.json").write_text(json.dumps({**rep, "trial_id": tid, "config": cfg}) + "\n")
-    ts = sorted(load_trials(str(tmp_path), "m"), key=lambda t: t.seed)
-    assert [t.rung_candidates for t in ts] == [{100: cands["a0"]}, {100: cands["a1"]}]
-    j = rung_judgements(ts)
-    assert j[ts[0].trial_id] == (100, "m", 0.25, "0.05") and j[ts[1].trial_id] == (100, "m", 0.29, "0.05")
-    header, rows = status_rows(ts, "m")
-    assert header[-1] == "last rung judged on" and rows[0][-1] == "m (EMA 0.05) = 0.25 at 100"
-    # the tracked rule: no candidates, no extra column
-    for t in ts:
-        t.rung_candidates = {}
-    assert status_rows(ts, "m")[0][-1] == "node" and rung_judgements(ts)[ts[0].trial_id] == (100, "m", 0.30, None)
-
-
 def test_ema_rule_best_is_refused_with_a_searched_ema():
     from p2core.errors import UserError
     from sweeps.record.spec import parse_sweep

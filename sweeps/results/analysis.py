@@ -260,6 +260,7 @@ def trial_cost(t: Trial, rows: list[dict]) -> TrialCost:
         for k, v in r.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
+            k = k[len("choose_"):] if k.startswith("choose_") else k  # eval.ema_choose_on's tracked-EMA score
             if k.startswith("gen_images_"):
                 c.images_generated += int(v)
                 c.image_steps += int(v) * steps_of(k[len("gen_images_"):])

@@ -72,11 +72,8 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
     phases = {}
     for g, ts in groups.items():
         phases[str(g)] = A.mean_phase_curve([A.phase_losses(rows_of[t.trial_id]) for t in ts])
-    judged = R.rung_judgements(trials)  # under ema_rule best: the EMA its configuration was judged on there
-    stops = [{"trial": t.trial_id, "group": str(A.group_key(t)), "seed": t.seed, "images_seen": judged[t.trial_id][0],
-              "judged_on": judged[t.trial_id][1] + (f" (EMA {judged[t.trial_id][3]})"
-                                                     if judged[t.trial_id][3] is not None else ""),
-              "value": judged[t.trial_id][2]}
+    stops = [{"trial": t.trial_id, "group": str(A.group_key(t)), "seed": t.seed, "images_seen": t.last_rung[0],
+              "judged_on": t.last_rung[1], "value": t.last_rung[2]}
              for t in trials if t.state == "STOPPED" and t.last_rung]
     costs = [A.trial_cost(t, rows_of[t.trial_id]) for t in trials]
     cost = A.cost_summary(costs, meta.max_images)

@@ -106,7 +106,6 @@ class Trial:
     node_ip: str = ""
     node: str = ""         # the Ray nodes it reported from, in order ("node_b > 3f2a9c01" after a node was lost)
     last_rung: tuple = ()  # (images_seen, rung metric, rung score) of the last report: what ASHA judged last
-    rung_candidates: dict = field(default_factory=dict)  # images_seen -> {EMA name: rung value} (ema_rule best)
 
     @property
     def params(self) -> dict:
@@ -162,35 +161,8 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
             node=" > ".join(_runs_of([r.node for r in reps if r.node])),
-            last_rung=_last_rung(last, metric),
-            rung_candidates={r.images_seen: dict(r.rung_candidates) for r in reps if r.rung_candidates}))
+            last_rung=_last_rung(last, metric)))
     return trials
-
-
-def rung_judgements(trials: list[Trial]) -> dict:
-    """trial_id -> (images_seen, rung metric, value, EMA name or None): what ASHA compared at each trial's last
-    rung. Under scheduler.ema_rule best (reports carry `rung_candidates`) a configuration is judged on one EMA, the
-    one `group_choice` gives over its seeds' candidates at that rung; the value is this seed's at that EMA, not the
-    tracked EMA's `last_rung` value. Else the EMA is None and the value `last_rung`'s."""
-    from ..record.trial_report import group_choice
-
-    by: dict = {}
-    for t in trials:
-        for p, c in t.rung_candidates.items():
-            by.setdefault((t.config_key, p), []).append(c)
-    out = {}
-    for t in trials:
-        if not t.last_rung:
-            continue
-        p, rm, rv = t.last_rung
-        cands = t.rung_candidates.get(p)
-        if cands:
-            ema = group_choice(by[(t.config_key, p)])[1]
-            if ema is not None and ema in cands:
-                out[t.trial_id] = (p, rm, cands[ema], ema)
-                continue
-        out[t.trial_id] = (p, rm, rv, None)
-    return out
 
 
 def _runs_of(xs: list) -> list:
@@ -293,20 +265,17 @@ def status_rows(trials: list[Trial], metric: str):
     keys = sorted({k for t in trials for k in t.params})
     header = ["trial", "config", "seed"] + keys + ["state", "images", f"latest {metric}", f"best {metric}", "node"]
     # multi-fidelity: a trial stopped at a low rung has no sweep-metric value; say what it was judged on
-    judged = rung_judgements(trials)
     low = any(t.last_rung and t.last_rung[1] != metric for t in trials)
-    by_ema = any(j[3] is not None for j in judged.values())  # ema_rule best: each configuration on one EMA
-    if low or by_ema:
+    if low:
         header.append("last rung judged on")
     rows = []
     for t in trials:
         state = t.state + (" (kept; resume --retry-errored retries it)" if t.state == "ERROR" else "")
         row = ([t.trial_id, str(t.group), str(t.seed)] + [_fmt(t.params.get(k)) for k in keys] +
                [state, str(t.images_seen), _fmt(t.latest), _fmt(t.best), t.node or t.node_ip or "-"])
-        if low or by_ema:
-            r = judged.get(t.trial_id)
-            ema = f" (EMA {r[3]})" if r and r[3] is not None else ""
-            row.append(f"{r[1]}{ema} = {_fmt(r[2])} at {r[0]}" if r and (r[1] != metric or ema) else "-")
+        if low:
+            r = t.last_rung
+            row.append(f"{r[1]} = {_fmt(r[2])} at {r[0]}" if r and r[1] != metric else "-")
         rows.append(row)
     return header, rows
 
