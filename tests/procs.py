@@ -2,6 +2,7 @@
 workers in process groups of their own inside the session, so a process group alone misses them: a "killed" node
 or driver would leave its trials training and reporting."""
 import os
+import time
 
 
 def session_pids(sid: int) -> list[int]:
@@ -19,12 +20,21 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
-def kill_session(sid: int, sig) -> None:
-    """`sig` to every process of session `sid` (the caller too, last, when it is one of them)."""
+def kill_session(sid: int, sig, seconds: float = 10.0) -> None:
+    """`sig` to every process of session `sid`, again until none is left or `seconds` have passed: a process forked
+    while the others are being killed (a Ray worker starting) is not in the first listing, and a killed one may take
+    a moment to die. The caller, when it is one of them, gets `sig` last."""
     me = os.getpid()
-    pids = session_pids(sid)
-    for pid in [p for p in pids if p != me] + [p for p in pids if p == me]:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+    end = time.monotonic() + seconds
+    while True:
+        pids = [p for p in session_pids(sid) if p != me]
+        if not pids or time.monotonic() > end:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    if me in session_pids(sid):
+        os.kill(me, sig)
