@@ -254,17 +254,24 @@ def trial_rows(t: Trial) -> list[dict]:
     return [by_point[k] for k in sorted(by_point)]
 
 
+def generations(row: dict) -> list:
+    """[(spec label, images generated)] of one report: every EMA's generations ("ddim10_ema0.05") and the tracked
+    EMA's score for eval.ema_choose_on ("choose_gen_images_ddim10") included."""
+    return [(k.split("gen_images_", 1)[1], int(v)) for k, v in row.items()
+            if k.startswith(("gen_images_", "choose_gen_images_")) and isinstance(v, (int, float))]
+
+
 def trial_cost(t: Trial, rows: list[dict]) -> TrialCost:
     c = TrialCost(t.trial_id, t.group, t.seed, t.state, t.node_ip, t.images_seen)
     for r in rows:
+        for spec, n in generations(r):
+            c.images_generated += n
+            c.image_steps += n * steps_of(spec)
         for k, v in r.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
             k = k[len("choose_"):] if k.startswith("choose_") else k  # eval.ema_choose_on's tracked-EMA score
-            if k.startswith("gen_images_"):
-                c.images_generated += int(v)
-                c.image_steps += int(v) * steps_of(k[len("gen_images_"):])
-            elif k.startswith("gen_seconds_"):
+            if k.startswith("gen_seconds_"):
                 c.sample_seconds += v
             elif k.startswith("feat_seconds_"):
                 c.feature_seconds += v

@@ -11,7 +11,7 @@ import os
 
 from p2core.metrics import CHOSEN, split_ema, with_ema
 
-from .analysis import steps_of
+from .analysis import generations, steps_of
 
 
 def read_trials(exp_dir: str) -> list[dict]:
@@ -36,13 +36,6 @@ def key(params: dict) -> tuple:
     return tuple(sorted(params.items()))
 
 
-def gen_of(row: dict) -> list:
-    """[(spec label, images generated)] of one report, every EMA's generations included ("ddim10_ema0.05"; the
-    tracked EMA's score for eval.ema_choose_on: "choose_gen_images_ddim10")."""
-    return [(k.split("gen_images_", 1)[1], int(v)) for k, v in row.items()
-            if k.startswith(("gen_images_", "choose_gen_images_"))]
-
-
 def train_seconds(trial: dict) -> float:
     last = trial["rows"][-1]
     return float(last.get("time_total_s", 0.0)) - sum(float(r.get("eval_seconds", 0.0)) for r in trial["rows"])
@@ -58,7 +51,7 @@ def strategy_cost(trials: list[dict], ref_samples: int, ref_seconds: float = 0.0
         c["trial_seconds"] += float(t["rows"][-1].get("time_total_s", 0.0))
         for r in t["rows"]:
             c["ema_eval_seconds"] += float(r.get("ema_eval_seconds", 0.0))
-            for spec, n in gen_of(r):
+            for spec, n in generations(r):
                 c["image_steps_generated"] += n * steps_of(spec)
                 c["images_featurised"] += n
     return c
