@@ -110,6 +110,78 @@ def test_optuna_restore_adopts_lost_trials_and_tells_idempotently(tmp_path):
     assert r.study.get_trials()[0].value == pytest.approx(0.5)
 
 
+def test_a_resume_makes_the_searcher_agree_with_the_trials_tune_saved(tmp_path):
+    """Tune saves its trials (experiment state) and the searcher in separate files, copied to the storage one by
+    one: a driver killed in between leaves a searcher that handed out a trial Tune lost (the replicate would never
+    run: seen as a resumed 2-point grid that ended with 1 trial), or one that lacks a trial Tune has (its result
+    would not count and its replicate would run twice). The resumed searcher follows Tune's trials."""
+    from sweeps.record.replicate import Replicate
+    from sweeps.tune.schedulers import GroupSearcher, RootedSearchGenerator
+
+    space = {"diffusion.p2_gamma": ("grid", [0.0, 1.0, 2.0])}
+
+    def gen(restored=None):
+        g = RootedSearchGenerator(GroupSearcher(space, "grid", 1, [0, 1], "m"), str(tmp_path), None,
+                                  restored=restored)
+        g._total_samples = 6  # 3 configurations x 2 seeds (Tune's num_samples)
+        return g
+
+    g = gen()
+    cfg = {}
+    for tid in "abc":  # group 0 seeds 0 and 1, group 1 seed 0
+        cfg[tid] = g.searcher.suggest(tid)
+        g._counter += 1
+    g.save_to_dir(str(tmp_path), "2026-12-06_10-00-00")
+    rep = {t: Replicate.of(c) for t, c in cfg.items()}
+    assert [(r.group, r.seed) for r in rep.values()] == [(0, 0), (0, 1), (1, 0)]
+
+    # Tune saved a and b only: c's replicate is handed out again, with its values, under Tune's new id
+    r = gen({"a": cfg["a"], "b": cfg["b"]})
+    r.restore_from_dir(str(tmp_path))
+    assert r._counter == 2 and not r.is_finished()
+    assert r.searcher.suggest("c2") == cfg["c"]
+    handed = [Replicate.of(r.searcher.suggest(t)) for t in ("d", "e", "f")]
+    assert [(x.group, x.seed) for x in handed] == [(1, 1), (2, 0), (2, 1)]
+    assert r.searcher.suggest("g") == "FINISHED"
+
+    # Tune has trials the searcher never heard of: (1, 1) of a known group and (2, 0) of a group it never made;
+    # they count as handed out (not handed out again) and their results count
+    d = Replicate(group=1, seed=1, params=rep["c"].params).config()
+    e = Replicate(group=2, seed=0, params={"diffusion.p2_gamma": 2.0}).config()
+    r = gen({**cfg, "d": d, "e": e})
+    r.restore_from_dir(str(tmp_path))
+    assert r._counter == 5 and r.searcher.next_group == 3
+    last = Replicate.of(r.searcher.suggest("f"))
+    assert (last.group, last.seed, last.params) == (2, 1, {"diffusion.p2_gamma": 2.0})
+    assert r.searcher.suggest("g") == "FINISHED"
+    r.searcher.on_trial_complete("e", {"m": 0.5, "images_seen": 384, "final": 1})
+    assert r.searcher.groups[2]["outcomes"] == {0: ("complete", 0.5)}
+
+
+def test_a_resumed_optuna_group_known_only_from_its_trial_is_told_on_its_own_optuna_trial(tmp_path):
+    import optuna
+
+    from sweeps.tune.schedulers import RootedSearchGenerator
+
+    s = _optuna_searcher(tmp_path, [0], n=2)
+    cfg = {"a": s.suggest("a")}
+    saved = str(tmp_path / "state")
+    os.makedirs(saved)
+    gen = RootedSearchGenerator(s, str(tmp_path), None)
+    gen._total_samples, gen._counter = 2, 1
+    gen.save_to_dir(saved, "2026-12-06_10-00-00")  # the searcher's last save: one configuration
+    cfg["b"] = s.suggest("b")  # asked in Optuna and saved by Tune, then the driver dies before the searcher's save
+    r = RootedSearchGenerator(_optuna_searcher(tmp_path, [0], n=2), str(tmp_path), None, restored=cfg)
+    r.restore_from_dir(saved)
+    assert r.searcher.groups[1]["params"] == s.groups[1]["params"] and r._counter == 2
+    assert r.searcher.suggest("c") == "FINISHED"  # nothing asked twice
+    r.searcher.on_trial_complete("b", {"m": 0.7, "images_seen": 384, "final": 1})
+    r.searcher.on_trial_complete("a", {"m": 0.5, "images_seen": 384, "final": 1})
+    trials = r.searcher.study.get_trials()
+    assert len(trials) == 2 and [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.value for t in trials] == [pytest.approx(0.5), pytest.approx(0.7)]
+
+
 # -- case 1/3: ASHA per configuration on the mean over seeds; non-finite is the worst ---------------------------
 
 def test_group_asha_decides_on_the_mean_over_seeds():

@@ -345,7 +345,8 @@ def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta, verbose: bool = Fa
     searcher = tc.search_alg.searcher if isinstance(tc.search_alg, SearchGenerator) else tc.search_alg
     if isinstance(searcher, GroupSearcher):
         searcher.optuna_url, searcher._study = meta.paths.optuna_storage, None
-        tc.search_alg = RootedSearchGenerator(searcher, *S.ray_storage(meta.paths.storage))
+        restored = {tid: st["config"] for tid, st in R.tune_states(meta.dir).items()}  # the state Tune resumes
+        tc.search_alg = RootedSearchGenerator(searcher, *S.ray_storage(meta.paths.storage), restored=restored)
 
 
 def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool, retry_errored: bool = False,

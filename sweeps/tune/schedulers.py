@@ -339,6 +339,45 @@ class GroupSearcher(Searcher):
             self.set_state(pickle.load(f))
         self._checked = False
 
+    def reconcile(self, restored: dict) -> int:
+        """Make this searcher's record agree with the trials Tune restored ({trial_id: config}, from the experiment
+        state Tune resumes). Tune saves the two in separate files, and copies them to the storage one by one: a
+        driver killed in between leaves a searcher that handed out a trial Tune never saved (that replicate would
+        never run: it counts as live, and the searcher as finished) or one that never heard of a trial Tune runs
+        (its result would not count, and its replicate would be handed out again). Returns how many replicates
+        were put back in the queue."""
+        requeue = []
+        for tid in [t for t in self.trial_group if t not in restored]:
+            g, seed = self.trial_group.pop(tid)
+            if seed not in self.groups[g]["outcomes"]:
+                requeue.append((g, seed))
+        for tid, cfg in sorted(restored.items(), key=lambda kv: Replicate.of(kv[1]).group):
+            rep = Replicate.of(cfg)
+            if tid in self.trial_group or rep.group < 0:
+                continue
+            if rep.group not in self.groups:  # handed out after the searcher's last save: its values are the trial's
+                self.groups[rep.group] = {"params": rep.params, "optuna": None, "outcomes": {}, "steps": {},
+                                          "reported": [], "told": False}
+                self.queue += [(rep.group, s) for s in self.seeds]
+                self.next_group = max(self.next_group, rep.group + 1)
+            self.trial_group[tid] = (rep.group, rep.seed)
+        held = set(self.trial_group.values())
+        self.queue = [q for q in requeue + self.queue if q not in held]
+        return len(requeue)
+
+    def _optuna_number(self, group: int) -> int | None:
+        """The Optuna trial of a group; for a group rebuilt from a trial's config (`reconcile`), the RUNNING Optuna
+        trial no other group holds with the same values."""
+        grp = self.groups[group]
+        if grp["optuna"] is None:
+            import optuna
+
+            held = {x["optuna"] for x in self.groups.values()}
+            grp["optuna"] = next((t.number for t in self.study.get_trials(deepcopy=False)
+                                  if t.state == optuna.trial.TrialState.RUNNING and t.number not in held
+                                  and t.params == grp["params"]), None)
+        return grp["optuna"]
+
     def __getstate__(self):
         d = dict(self.__dict__)
         d["_study"] = None
@@ -362,6 +401,8 @@ class GroupSearcher(Searcher):
             return
         import optuna
 
+        for g in [g for g, grp in self.groups.items() if grp["optuna"] is None]:
+            self._optuna_number(g)  # a group rebuilt from its trial's config takes its own trial first
         held = {g["optuna"] for g in self.groups.values()}
         self.adoptable = sorted(t.number for t in self.study.get_trials(deepcopy=False)
                                 if t.state == optuna.trial.TrialState.RUNNING and t.number not in held)
@@ -424,7 +465,7 @@ class GroupSearcher(Searcher):
         grp["steps"].setdefault(step, {})[seed] = rep.judged  # intermediate values: the rung's own metric
         if len(grp["steps"][step]) == len(self.seeds) and step not in grp["reported"]:
             grp["reported"].append(step)
-            self._report(grp["optuna"], group_score(grp["steps"][step].values()), step)
+            self._report(g, group_score(grp["steps"][step].values()), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.trial_group:
@@ -473,7 +514,7 @@ class GroupSearcher(Searcher):
                  "fail": optuna.trial.TrialState.FAIL}[kind]
         try:
             # skip_if_finished: a trial that finished before a driver crash may finish again after the resume
-            self.study.tell(grp["optuna"], values=value if kind == "complete" else None, state=state,
+            self.study.tell(self._optuna_number(group), values=value if kind == "complete" else None, state=state,
                             skip_if_finished=True)
             grp["told"] = True
         except Exception as e:  # never into Tune (it would fail the trial or end the run); told on the next event
@@ -485,10 +526,11 @@ class GroupSearcher(Searcher):
             if not grp["told"] and len(grp["outcomes"]) == len(self.seeds):
                 self.tell(g)
 
-    def _report(self, number: int, value: float, step: int) -> None:
+    def _report(self, group: int, value: float, step: int) -> None:
         import optuna
 
         try:
+            number = self._optuna_number(group)
             frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
             if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING or \
                     step in frozen.intermediate_values:
@@ -546,10 +588,23 @@ class RootedSearchGenerator(SearchGenerator):
     folder from it: a moved or copied storage would have new trials written to the original. This keeps the
     storage the sweep is in now (as Tune itself does for the trials it restores)."""
 
-    def __init__(self, searcher: Searcher, storage_fs_path: str, storage_filesystem):
+    def __init__(self, searcher: Searcher, storage_fs_path: str, storage_filesystem, restored: dict | None = None):
         super().__init__(searcher)
         self._fs_path, self._fs = storage_fs_path, storage_filesystem
+        self._restored = restored  # {trial_id: config} of the experiment state Tune resumes
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
         compat.reroot_search_generator(self, self._fs_path, self._fs)
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        if self._restored is None or not isinstance(self.searcher, GroupSearcher):
+            return
+        back = self.searcher.reconcile(self._restored)
+        # Tune counts the trials it created and stops asking at num_samples: count the ones it has
+        self._counter = len(self._restored)
+        self._finished = False  # the searcher says FINISHED again once it is
+        if back:
+            log.warning("%d trial(s) the searcher had handed out were not in Tune's saved state (the driver died "
+                        "between two saves): they run again", back)

@@ -1,17 +1,21 @@
-"""An Optuna + ASHA sweep interrupted by its --time-budget, its storage folder copied elsewhere, the copy resumed to
+"""An Optuna + ASHA sweep interrupted (Ctrl-C once its first trial reported), its storage folder copied elsewhere, the copy resumed to
 the end: the copy's own MLflow and Optuna databases, results and trial folders are used (Ray's tuner.pkl and
 search_gen_state still name the original's paths), MLflow's artifact locations follow the copy, and the original
 folder is left exactly as it was. Runs in `make test-cluster`."""
+import glob
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from helpers import cli, mlflow_runs, sweep_file, trials_of  # noqa: E402
+from helpers import ENV, ROOT, cli, mlflow_runs, sweep_file, trials_of  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
@@ -26,6 +30,16 @@ def tree(root: str) -> dict:
     return out
 
 
+def wait_for_first_report(exp_dir: str, proc, seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        if any(os.path.getsize(f) for f in glob.glob(os.path.join(exp_dir, "*", "result.json"))):
+            return
+        time.sleep(0.5)
+    raise AssertionError("no trial reported in time")
+
+
 def test_a_copied_storage_resumes_on_its_own(tmp_path):
     import yaml
 
@@ -38,8 +52,19 @@ def test_a_copied_storage_resumes_on_its_own(tmp_path):
                    search={"algorithm": "optuna", "num_samples": 3, "max_concurrent": 1, "seed": 0},
                    scheduler={"type": "asha", "grace_period_images": 256, "reduction_factor": 2}, max_failures=0)
     orig = str(tmp_path / "orig")
-    r = cli("run", p, "--storage", orig, "--time-budget", "20s", env={"TUNE_GLOBAL_CHECKPOINT_S": "1"})
-    assert r.returncode == 0 and "p2sweep resume moving" in r.stdout, r.stderr[-3000:]
+    # interrupted on an event, not after a time (a --time-budget raced the whole sweep on a faster machine)
+    with open(tmp_path / "run.out", "w") as out, open(tmp_path / "run.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", p, "--storage", orig], cwd=ROOT,
+                                env=dict(ENV, TUNE_GLOBAL_CHECKPOINT_S="1"), stdout=out, stderr=err)
+        try:
+            wait_for_first_report(os.path.join(orig, "moving"), proc, 300)
+            proc.send_signal(signal.SIGINT)  # as Ctrl-C, or --time-budget, does
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout, stderr = open(tmp_path / "run.out").read(), open(tmp_path / "run.err").read()
+    assert rc == 130 and "p2sweep resume moving" in stdout, (rc, stderr[-3000:])
     assert [t for t in trials_of(orig, "moving") if t.state in ("RUNNING", "PENDING", "PAUSED")]  # interrupted
     copy = str(tmp_path / "copy")
     shutil.copytree(orig, copy)
