@@ -134,6 +134,7 @@ def written(tmp_path):
 
     from PIL import Image
 
+    from sweeps.record.spec import Search, SweepSpec
     from sweeps.results import report_data
     from sweeps.results import report_page
 
@@ -158,7 +159,7 @@ def written(tmp_path):
     meta = SimpleNamespace(name="syn", metric=M, max_images=200, seeds=[0, 1, 2], dir=str(tmp_path / "sweep"),
                            base={"diffusion": {"p2_k": 1.0, "noise_schedule": "linear", "diffusion_steps": 100},
                                  "eval": {"sampling_steps": ["ddim10"], "extractor": "random"}},
-                           raw={"space": {A.GAMMA: {"grid": [0.0, 1.0]}}, "search": {"algorithm": "grid"}})
+                           spec=SweepSpec("syn", {}, M, {A.GAMMA: ("grid", [0.0, 1.0])}, search=Search("grid")))
     data = report_data.collect(meta, trials, provenance={"git_commit": "abc"}, baselines={}, importance=None,
                                expected_trials=6)
     return data, report_page.write_report(str(tmp_path / "report"), data, trials)
@@ -259,8 +260,6 @@ def test_each_arm_at_its_own_best_ema_against_one_common_ema():
     """Post-hoc EMAs: P2 beats the baseline at the tracked EMA (every seed 0.04 lower), but with each at its own
     best EMA (P2 at 0.15, the baseline at 0.05) the paired differences are -0.01, -0.01, +0.02: not distinguishable,
     so the verdict changes; the report says so in a table and a sentence."""
-    from types import SimpleNamespace
-
     from sweeps.results import report_data
     from sweeps.results.report_render import render_md, sections
 
@@ -279,7 +278,11 @@ def test_each_arm_at_its_own_best_ema_against_one_common_ema():
     nan_seed = A.compare(trials[3:], [_trial("n0", 0, 0, {100: {m: float("nan")}}, ARMS[0]), *trials[1:3]], m, 1, 0)
     assert A.verdict(A.headline(nan_seed)) == "no verdict"  # a NaN seed withholds it, as the sentence does
     # through the report's data and pages
-    meta = SimpleNamespace(name="syn", metric=m, max_images=100, seeds=[0, 1, 2], dir="", base={}, raw={})
+    from sweeps.record.meta import Paths, SweepMeta
+    from sweeps.record.spec import Scheduler, SweepSpec
+
+    meta = SweepMeta("syn", "x", SweepSpec("syn", {}, m, {}, scheduler=Scheduler(max_images=100), seeds=[0, 1, 2]),
+                     Paths("", "", "", ""), "", "syn")
     data = report_data.collect(meta, trials, provenance={}, baselines={}, importance=None, expected_trials=6)
     (y,) = data["ema_answer"]
     assert (y["arm_metric"], y["baseline_metric"], y["verdict_changes"]) == (x["arm_metric"], x["baseline_metric"], True)

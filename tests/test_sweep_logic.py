@@ -110,6 +110,11 @@ def test_optuna_restore_adopts_lost_trials_and_tells_idempotently(tmp_path):
     assert r.study.get_trials()[0].value == pytest.approx(0.5)
 
 
+def _saved(config, status="RUNNING", last_result=None):
+    """One trial as `results.trials.saved_trials` reads it from Tune's experiment state (through JSON, as there)."""
+    return json.loads(json.dumps({"config": config, "status": status, "last_result": last_result or {}}))
+
+
 def test_a_resume_makes_the_searcher_agree_with_the_trials_tune_saved(tmp_path):
     """Tune saves its trials (experiment state) and the searcher in separate files, copied to the storage one by
     one: a driver killed in between leaves a searcher that handed out a trial Tune lost (the replicate would never
@@ -120,9 +125,9 @@ def test_a_resume_makes_the_searcher_agree_with_the_trials_tune_saved(tmp_path):
 
     space = {"diffusion.p2_gamma": ("grid", [0.0, 1.0, 2.0])}
 
-    def gen(restored=None):
-        g = RootedSearchGenerator(GroupSearcher(space, "grid", 1, [0, 1], "m"), str(tmp_path), None,
-                                  restored=restored)
+    def gen(restored=None, max_concurrent=0):
+        g = RootedSearchGenerator(GroupSearcher(space, "grid", 1, [0, 1], "m", max_concurrent=max_concurrent),
+                                  str(tmp_path), None, restored=restored)
         g._total_samples = 6  # 3 configurations x 2 seeds (Tune's num_samples)
         return g
 
@@ -136,7 +141,7 @@ def test_a_resume_makes_the_searcher_agree_with_the_trials_tune_saved(tmp_path):
     assert [(r.group, r.seed) for r in rep.values()] == [(0, 0), (0, 1), (1, 0)]
 
     # Tune saved a and b only: c's replicate is handed out again, with its values, under Tune's new id
-    r = gen({"a": cfg["a"], "b": cfg["b"]})
+    r = gen({"a": _saved(cfg["a"]), "b": _saved(cfg["b"])})
     r.restore_from_dir(str(tmp_path))
     assert r._counter == 2 and not r.is_finished()
     assert r.searcher.suggest("c2") == cfg["c"]
@@ -148,7 +153,7 @@ def test_a_resume_makes_the_searcher_agree_with_the_trials_tune_saved(tmp_path):
     # they count as handed out (not handed out again) and their results count
     d = Replicate(group=1, seed=1, params=rep["c"].params).config()
     e = Replicate(group=2, seed=0, params={"diffusion.p2_gamma": 2.0}).config()
-    r = gen({**cfg, "d": d, "e": e})
+    r = gen({**{t: _saved(c) for t, c in cfg.items()}, "d": _saved(d), "e": _saved(e)})
     r.restore_from_dir(str(tmp_path))
     assert r._counter == 5 and r.searcher.next_group == 3
     last = Replicate.of(r.searcher.suggest("f"))
@@ -157,29 +162,87 @@ def test_a_resume_makes_the_searcher_agree_with_the_trials_tune_saved(tmp_path):
     r.searcher.on_trial_complete("e", {"m": 0.5, "images_seen": 384, "final": 1})
     assert r.searcher.groups[2]["outcomes"] == {0: ("complete", 0.5)}
 
+    # ... and trials that ended before the kill, which Tune will not run again (it tells the searcher nothing of
+    # them on restore): their outcomes come from their last results; with two at a time, the searcher still says
+    # FINISHED once everything is handed out (it waited for ever for a slot that the ended trials held)
+    done = {"a": _saved(cfg["a"], "TERMINATED", {"m": 0.4, "images_seen": 384, "final": 1}),
+            "b": _saved(cfg["b"], "TERMINATED", {"m": 0.6, "images_seen": 128, "final": 0}),
+            "c": _saved(cfg["c"], "ERROR"), "d": _saved(d, "RUNNING"),
+            "e": _saved(e, "TERMINATED", {"m": 0.3, "images_seen": 384, "final": 1}),
+            "f": _saved(Replicate(group=2, seed=1, params={"diffusion.p2_gamma": 2.0}).config(), "TERMINATED",
+                        {"m": 0.5, "images_seen": 384, "final": 1})}
+    r = gen(done, max_concurrent=2)
+    r.restore_from_dir(str(tmp_path))
+    outcomes = {g: grp["outcomes"] for g, grp in r.searcher.groups.items()}
+    assert outcomes == {0: {0: ("complete", 0.4), 1: ("stopped", 0.6)}, 1: {0: ("error", None)},
+                        2: {0: ("complete", 0.3), 1: ("complete", 0.5)}}
+    assert r.searcher.live() == 1 and r.searcher.verdict(2) == ("complete", pytest.approx(0.4))
+    assert r.searcher.suggest("g") == "FINISHED"
+    # with --retry-errored Tune runs c again: its seed has no outcome until it ends
+    r = RootedSearchGenerator(GroupSearcher(space, "grid", 1, [0, 1], "m"), str(tmp_path), None, restored=done,
+                              retry_errored=True)
+    r.restore_from_dir(str(tmp_path))
+    assert r.searcher.groups[1]["outcomes"] == {}
+
 
 def test_a_resumed_optuna_group_known_only_from_its_trial_is_told_on_its_own_optuna_trial(tmp_path):
     import optuna
 
     from sweeps.tune.schedulers import RootedSearchGenerator
 
-    s = _optuna_searcher(tmp_path, [0], n=2)
+    s = _optuna_searcher(tmp_path, [0], n=3)
     cfg = {"a": s.suggest("a")}
     saved = str(tmp_path / "state")
     os.makedirs(saved)
     gen = RootedSearchGenerator(s, str(tmp_path), None)
-    gen._total_samples, gen._counter = 2, 1
+    gen._total_samples, gen._counter = 3, 1
     gen.save_to_dir(saved, "2026-12-06_10-00-00")  # the searcher's last save: one configuration
     cfg["b"] = s.suggest("b")  # asked in Optuna and saved by Tune, then the driver dies before the searcher's save
-    r = RootedSearchGenerator(_optuna_searcher(tmp_path, [0], n=2), str(tmp_path), None, restored=cfg)
+    restored = {"a": _saved(cfg["a"]), "b": _saved(cfg["b"])}
+    r = RootedSearchGenerator(_optuna_searcher(tmp_path, [0], n=3), str(tmp_path), None, restored=restored)
     r.restore_from_dir(saved)
     assert r.searcher.groups[1]["params"] == s.groups[1]["params"] and r._counter == 2
-    assert r.searcher.suggest("c") == "FINISHED"  # nothing asked twice
-    r.searcher.on_trial_complete("b", {"m": 0.7, "images_seen": 384, "final": 1})
-    r.searcher.on_trial_complete("a", {"m": 0.5, "images_seen": 384, "final": 1})
+    third = r.searcher.suggest("c")  # a new configuration: not b's Optuna trial, which b's group takes
+    assert r.searcher.groups[1]["optuna"] == s.groups[1]["optuna"] and r.searcher.groups[2]["optuna"] == 2
+    assert third["diffusion.p2_gamma"] != cfg["b"]["diffusion.p2_gamma"]
+    assert r.searcher.suggest("d") == "FINISHED"
+    for tid, v in (("b", 0.7), ("a", 0.5), ("c", 0.6)):
+        r.searcher.on_trial_complete(tid, {"m": v, "images_seen": 384, "final": 1})
     trials = r.searcher.study.get_trials()
-    assert len(trials) == 2 and [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert [t.value for t in trials] == [pytest.approx(0.5), pytest.approx(0.7)]
+    assert len(trials) == 3 and [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert [t.value for t in trials] == [pytest.approx(0.5), pytest.approx(0.7), pytest.approx(0.6)]
+
+
+def test_a_resumed_optuna_configuration_that_ended_before_the_kill_is_told_at_once(tmp_path):
+    """Both seeds of a configuration ended before the kill, but the searcher's saved state predates them (Tune's is
+    newer): no trial event will ever come for them, so the first `suggest` after the restore tells Optuna; a group
+    whose Optuna trial cannot be found gets one asked with its values."""
+    import optuna
+
+    from sweeps.record.replicate import Replicate
+    from sweeps.tune.schedulers import RootedSearchGenerator
+
+    s = _optuna_searcher(tmp_path, [0, 1], n=2)
+    cfg = {t: s.suggest(t) for t in ("a", "b")}
+    saved = str(tmp_path / "state")
+    os.makedirs(saved)
+    gen = RootedSearchGenerator(s, str(tmp_path), None)
+    gen._total_samples, gen._counter = 4, 2
+    gen.save_to_dir(saved, "2026-12-06_10-00-00")
+    lost = Replicate(group=1, seed=0, params={"diffusion.p2_gamma": 1.5, "train.lr": 0.003}).config()
+    restored = {"a": _saved(cfg["a"], "TERMINATED", {"m": 0.2, "images_seen": 384, "final": 1}),
+                "b": _saved(cfg["b"], "TERMINATED", {"m": 0.4, "images_seen": 384, "final": 1}),
+                "x": _saved(lost, "TERMINATED", {"m": 0.9, "images_seen": 384, "final": 1})}
+    r = RootedSearchGenerator(_optuna_searcher(tmp_path, [0, 1], n=2), str(tmp_path), None, restored=restored)
+    r.restore_from_dir(saved)
+    assert r.searcher.study.get_trials()[0].state == optuna.trial.TrialState.RUNNING  # no Optuna I/O in restore
+    assert Replicate.of(r.searcher.suggest("y")).key == "1:1"
+    t = r.searcher.study.get_trials()
+    assert t[0].state == optuna.trial.TrialState.COMPLETE and t[0].value == pytest.approx(0.3)
+    assert len(t) == 2 and t[1].params == {"diffusion.p2_gamma": 1.5, "train.lr": 0.003}  # asked with its values
+    r.searcher.on_trial_complete("y", {"m": 0.7, "images_seen": 384, "final": 1})
+    t = r.searcher.study.get_trials()
+    assert t[1].state == optuna.trial.TrialState.COMPLETE and t[1].value == pytest.approx(0.8)
 
 
 # -- case 1/3: ASHA per configuration on the mean over seeds; non-finite is the worst ---------------------------
@@ -309,8 +372,10 @@ def test_export_carries_the_trials_own_values_and_validates(tmp_path):
     spec = parse_sweep(smoke_raw(), os.path.join(ROOT, "search_spaces"))
     d = _fake_sweep(tmp_path)
     trials = load_trials(d, "rkid32_ddim5")
-    meta = SweepMeta(name="x", sweep_id="i", metric="rkid32_ddim5", max_images=384, base=spec.base, source_yaml="",
-                     raw={}, paths=Paths(str(tmp_path), "", "", ""), parent_run_id="", experiment="x", seeds=[0, 1])
+    spec.seeds = [0, 1]
+    assert spec.metric == "rkid32_ddim5" and spec.max_images == 384
+    meta = SweepMeta(name="x", sweep_id="i", spec=spec, paths=Paths(str(tmp_path), "", "", ""), parent_run_id="",
+                     experiment="x")
     row = group_rows(trials, "rkid32_ddim5", 384, 2)[0]
     cfg = config_from_dict(yaml.safe_load(best_export_yaml(meta, row, trials)))
     assert cfg.train.seed == 0 and cfg.train.lr == pytest.approx(0.001)
@@ -386,8 +451,9 @@ def test_optuna_study_of_another_sweep_is_refused(tmp_path):
     mine = open_study(url, "demo-12345678", "12345678x", create=True)
     assert mine.user_attrs["p2sweep.sweep_id"] == "12345678x" and not mine.get_trials()
     from sweeps.record.meta import Paths, SweepMeta
+    from sweeps.record.spec import SweepSpec
 
-    m = SweepMeta("demo", SweepMeta.new_id(), "m", 1, {}, "", {}, Paths("", "", "", ""), "", "demo")
+    m = SweepMeta("demo", SweepMeta.new_id(), SweepSpec("demo", {}, "m", {}), Paths("", "", "", ""), "", "demo")
     assert m.study_name != "demo" and m.study_name.startswith("demo-")  # never the bare sweep name
 
 
@@ -667,7 +733,7 @@ def test_metric_names_are_the_evaluators_spelling(tmp_path):
     """`kid1000_ddim25` and `kid1k_ddim25` are one metric: a sweep keeps the evaluator's spelling, so the name it
     looks up in a trial's report is the one the trial reports (a sweep spelled `1000` once saw no value at all)."""
     from p2core.metrics import canonical_metric_name
-    from sweeps.record.meta import SweepMeta, Paths, load_meta
+    from sweeps.record.meta import load_meta
     from sweeps.record.spec import load_sweep
 
     assert canonical_metric_name("kid1000_ddim25") == "kid1k_ddim25"
@@ -681,12 +747,22 @@ def test_metric_names_are_the_evaluators_spelling(tmp_path):
     p.write_text(yaml.safe_dump(d))
     spec = load_sweep(str(p), {})
     assert spec.metric == "rkid1k_ddim5" and spec.base["metric"] == "rkid1k_ddim5"
-    assert spec.rung_metrics == ["rkid2k_ddim10"]
-    # a sweep stored with the other spelling reads back with the evaluator's
-    meta = SweepMeta(name="old", sweep_id="x", metric="kid1000_ddim25", max_images=1, base={}, source_yaml="",
-                     raw={}, paths=Paths(str(tmp_path), "", "", ""), parent_run_id="", experiment="old")
-    meta.save()
-    assert load_meta("old", str(tmp_path)).metric == "kid1k_ddim25"
+    assert spec.scheduler.rung_metrics == ["rkid2k_ddim10"]
+    # a sweep stored by a p2sweep of before the nested record (p2sweep.json version 1: the sweep file's mapping
+    # and the validated base config) with the other spelling reads back, with the evaluator's
+    os.makedirs(tmp_path / "old")
+    v1 = {"name": "old", "sweep_id": "x", "metric": "rkid1000_ddim5", "max_images": 384, "base": spec.base,
+          "source_yaml": "metric: rkid1000_ddim5", "raw": dict(d, overrides={"train.lr": 0.001}),
+          "paths": {"storage": str(tmp_path), "mlflow_uri": "", "optuna_storage": "", "cache_dir": ""},
+          "parent_run_id": "", "experiment": "old", "sweep_dir": os.path.join(ROOT, "search_spaces"),
+          "address": None, "seeds": [0]}
+    (tmp_path / "old" / "p2sweep.json").write_text(json.dumps(v1))
+    old = load_meta("old", str(tmp_path))
+    assert old.metric == "rkid1k_ddim5" and old.spec.scheduler.rung_metrics == ["rkid2k_ddim10"]
+    assert old.spec.overrides == {"train.lr": 0.001} and old.spec.source_yaml == "metric: rkid1000_ddim5"
+    old.save()  # written back as version 2; it reads back the same
+    assert load_meta("old", str(tmp_path)).spec == old.spec
+    assert json.load(open(tmp_path / "old" / "p2sweep.json"))["version"] == 2
 
 
 # -- issue 21: scheduler.ema_rule best: one EMA per configuration --------------------------------------------------
@@ -757,7 +833,7 @@ def test_ema_rule_best_is_refused_with_a_searched_ema():
     raw = smoke_raw(scheduler={"type": "asha", "grace_period_images": 128, "ema_rule": "best"})
     raw["base"]["train"]["ema"] = {"type": "power", "snapshot_every_images": 64}
     raw["base"]["eval"]["ema_sigma_rels"] = [0.07]
-    assert parse_sweep(raw, os.path.join(ROOT, "search_spaces")).ema_rule == "best"
+    assert parse_sweep(raw, os.path.join(ROOT, "search_spaces")).scheduler.ema_rule == "best"
     raw["space"] = {"eval.ema_sigma_rels": {"choice": [[0.07], [0.07, 0.15]]}}
     with pytest.raises(UserError, match="scheduler.ema_rule: best cannot be combined with a searched eval.ema_sig"):
         parse_sweep(raw, os.path.join(ROOT, "search_spaces"))

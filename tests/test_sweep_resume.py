@@ -111,7 +111,7 @@ def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, ca
     meta_file = os.path.join(storage, "budget", "p2sweep.json")
     kept = open(meta_file).read()
     gpu = json.loads(kept)
-    gpu["raw"]["resources"] = {"cpu": 1, "gpu": 0.5}
+    gpu["sweep"]["resources"] = {"cpu": 1.0, "gpu": 0.5}
     with open(meta_file, "w") as f:
         json.dump(gpu, f)
     asked = open(meta_file).read()

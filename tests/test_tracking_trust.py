@@ -33,7 +33,8 @@ def make_sweep(root: str, name: str = "sw") -> dict:
     from sweeps.record.meta import STATES, Paths, SweepMeta
     from sweeps.record.spec import parse_sweep
 
-    spec = parse_sweep(smoke_raw(), os.path.join(ROOT, "search_spaces"))
+    spec = parse_sweep(smoke_raw(space={"diffusion.p2_gamma": {"grid": [0.0, 1.0]}}),
+                       os.path.join(ROOT, "search_spaces"))
     d = os.path.join(root, name)
     states = dict([write_trial(d, "a0", 0, 0, [(128, {M: 0.6}), (384, {M: 0.5})], "TERMINATED"),
                    write_trial(d, "b0", 1, 0, [(128, {M: 0.7}), (384, {M: 0.4})], "TERMINATED")])
@@ -46,9 +47,10 @@ def make_sweep(root: str, name: str = "sw") -> dict:
     c.log_param(parent, "git_commit", "abc123")
     child = c.create_run(exp, tags={"mlflow.parentRunId": parent, truns.ROLE: "trial"}).info.run_id
     c.log_text(child, "x", "note.txt")
-    SweepMeta(name=name, sweep_id="id0", metric=M, max_images=384, base=spec.base, source_yaml="", raw=spec.raw,
+    assert spec.metric == M and spec.max_images == 384 and spec.num_trials() == 2
+    SweepMeta(name=name, sweep_id="id0", spec=spec,
               paths=Paths(root, uri, f"sqlite:///{root}/optuna.db", os.path.join(root, "cache")),
-              parent_run_id=parent, experiment=name, seeds=[0]).save()
+              parent_run_id=parent, experiment=name).save()
     return {"exp": exp, "parent": parent, "child": child}
 
 

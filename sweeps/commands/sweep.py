@@ -201,14 +201,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _expected_trials(meta) -> int | None:
-    """How many trials the sweep runs in all (its spec's count); None when the sweep file no longer parses here."""
-    from ..record.spec import spec_of
-
-    try:
-        return spec_of(meta).num_trials()
-    except UserError:
-        return None
 
 def _provenance(meta, uri: str) -> dict:
     """The versions and git commit the sweep ran with (its parent MLflow run at `uri`), or those of this process."""
@@ -272,7 +264,7 @@ def _report(args, meta, trials, tmp: str) -> int:
     from ..tracking.client import read_only_uri, shown
 
     importance = None
-    if (meta.raw.get("search") or {}).get("algorithm") == "optuna":
+    if meta.spec.search.algorithm == "optuna":
         from ..tune.schedulers import param_importance
 
         # the address comes from p2sweep.json, which whoever can write the storage chooses: say it before connecting
@@ -281,7 +273,7 @@ def _report(args, meta, trials, tmp: str) -> int:
                                       report_data.MIN_IMPORTANCE_TRIALS)
     uri = read_only_uri(meta)
     data = report_data.collect(meta, trials, provenance=_provenance(meta, uri), baselines=load_results(meta.dir),
-                               importance=importance, expected_trials=_expected_trials(meta))
+                               importance=importance, expected_trials=meta.spec.num_trials())
     remote = S.is_uri(meta.dir) and not args.out
     out = args.out or (os.path.join(tmp, "report") if remote else os.path.join(meta.dir, "report"))
     paths = report_page.write_report(out, data, trials)

@@ -5,17 +5,20 @@ baselines evaluated); a sweep without it does not exist, so a `run` that failed 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from p2core.errors import UserError
 
 from ..storage.fs import is_uri, join, read_text, write_text
 from ..storage import layout as L
+
+if TYPE_CHECKING:
+    from .spec import SweepSpec
 
 META = "p2sweep.json"
 STATES = "p2sweep_trials.json"
@@ -53,21 +56,34 @@ class Paths:
 
 @dataclass
 class SweepMeta:
-    """The sweep's metadata file: everything `resume`, `status`, `best` and `compare` need besides Tune's state."""
+    """The sweep's metadata file: everything `resume`, `status`, `best` and `compare` need besides Tune's state.
+    What the sweep *is* (base config, metric, space, search, scheduler, resources, tracking, seeds) has one home,
+    `spec`; the rest is where it runs and what it was given (ids, paths, the parent run)."""
     name: str
     sweep_id: str         # keys the Optuna study: a reused name never warm-starts from another sweep's trials
-    metric: str
-    max_images: int
-    base: dict            # the validated training config (all defaults filled in)
-    source_yaml: str
-    raw: dict             # the sweep file's mapping after --set
+    spec: "SweepSpec"
     paths: Paths
     parent_run_id: str
     experiment: str
-    sweep_dir: str = "."
+    sweep_dir: str = "."  # the sweep file's folder (relative paths in it)
     address: str | None = None
-    seeds: list = field(default_factory=lambda: [0])
     moved_from: str = ""  # the storage root recorded when it was last saved, where it differs from where it is now
+
+    @property
+    def metric(self) -> str:
+        return self.spec.metric
+
+    @property
+    def max_images(self) -> int:
+        return self.spec.max_images
+
+    @property
+    def base(self) -> dict:
+        return self.spec.base
+
+    @property
+    def seeds(self) -> list:
+        return self.spec.seeds
 
     @property
     def dir(self) -> str:
@@ -75,22 +91,24 @@ class SweepMeta:
 
     def base_config(self):
         """The base training config as a `TrainingConfig` (validated again)."""
-        from p2core.config import config_from_dict
-
-        return config_from_dict(copy.deepcopy(self.base))
+        return self.spec.base_config()
 
     @property
     def study_name(self) -> str:
         return f"{self.name}-{self.sweep_id[:8]}"
 
     def save(self) -> None:
-        d = asdict(self)
-        d.pop("moved_from")
+        d = {"version": VERSION, "name": self.name, "sweep_id": self.sweep_id, "sweep": self.spec.record(),
+             "paths": asdict(self.paths), "parent_run_id": self.parent_run_id, "experiment": self.experiment,
+             "sweep_dir": self.sweep_dir, "address": self.address}
         write_text(join(self.dir, META), json.dumps(d, indent=1, default=str))
 
     @staticmethod
     def new_id() -> str:
         return uuid.uuid4().hex
+
+
+VERSION = 2  # p2sweep.json with the nested sweep record; version 1 (no "version") kept the sweep file's mapping
 
 
 def load_meta(name: str, storage: str | None) -> SweepMeta:
@@ -103,15 +121,36 @@ def load_meta(name: str, storage: str | None) -> SweepMeta:
         data = json.loads(text)
         data.pop("moved_from", None)
         _follow_move(data, storage_root(storage))
-        from p2core.metrics import canonical_metric_name
+        from .spec import SweepSpec
 
-        # a sweep run before names were normalised may spell the count its own way (kid1000_ddim25): its trials
-        # report the evaluator's spelling (kid1k_ddim25)
-        data["metric"] = canonical_metric_name(data["metric"])
+        version = data.pop("version", 1)
+        if version > VERSION:
+            raise UserError(f"{p}: written by a newer p2sweep (metadata version {version}; this one reads up to "
+                            f"{VERSION})")
+        data["spec"] = SweepSpec.from_record(data.pop("sweep")) if version == VERSION else _spec_of_v1(data)
         data["paths"] = Paths(**data["paths"])
         return SweepMeta(**data)
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise UserError(f"{p}: not a p2sweep metadata file of this version ({e})") from None
+
+
+def _spec_of_v1(data: dict):
+    """A sweep started before the nested record: its spec parsed again from the sweep file's mapping it kept, with
+    the validated base config it recorded. Pops the version-1 keys from `data`."""
+    from p2core.metrics import canonical_metric_name
+
+    from .spec import parse_sweep
+
+    raw = dict(data.pop("raw"))
+    overrides = raw.pop("overrides", None) or {}  # already applied to the stored base
+    # a sweep run before names were normalised may spell the count its own way (kid1000_ddim25): its trials
+    # report the evaluator's spelling (kid1k_ddim25)
+    raw["metric"] = canonical_metric_name(data.pop("metric"))
+    spec = parse_sweep(raw | {"base": data.pop("base"), "name": data["name"]}, data.get("sweep_dir", "."))
+    spec.overrides, spec.source_yaml = overrides, data.pop("source_yaml", "")
+    for k in ("max_images", "seeds"):
+        data.pop(k, None)
+    return spec
 
 
 def _follow_move(data: dict, root: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from p2core.config import TrainingConfig, apply_overrides, config_from_dict, flatten, safe_load_yaml
 from p2core.errors import UserError
@@ -40,34 +40,78 @@ TOP_KEYS = {"name", "base", "overrides", "metric", "mode", "space", "search", "s
 
 
 @dataclass
-class SweepSpec:
-    name: str
-    base: dict  # the base training config as a nested dict (overrides applied)
-    metric: str
-    space: dict  # dotted key -> (kind, values)
-    algorithm: str = "grid"
+class Search:
+    algorithm: str = "grid"     # grid | random | optuna
     num_samples: int = 1
-    max_concurrent: int = 0
-    search_seed: int = 0
-    scheduler: str = "asha"
+    max_concurrent: int = 0     # 0: as many as fit (Optuna: 2 configurations x seeds)
+    seed: int = 0
+
+
+@dataclass
+class Scheduler:
+    type: str = "asha"          # asha | none
     grace_period_images: int = 0
-    max_images: int = 0
+    max_images: int = 0         # the base config's train.total_images
     reduction_factor: int = 3
     rung_metrics: list = field(default_factory=list)  # metric of rung 1, 2, ... (milestones); later rungs: `metric`
-    ema_rule: str = "tracked"  # which EMA judges a configuration at a rung: tracked | best (lowest mean over seeds)
-    seeds: list = field(default_factory=lambda: [0])
+    ema_rule: str = "tracked"   # which EMA judges a configuration at a rung: tracked | best (lowest mean over seeds)
+
+
+@dataclass
+class Resources:
     cpu: float = 1.0
     gpu: float = 0.0
-    max_failures: int = 1
-    storage: str = ""
+
+
+@dataclass
+class Tracking:
     mlflow_uri: str = ""
     optuna_storage: str = ""
     cache_dir: str = ""
     s3_endpoint_url: str = ""
     s3_region: str = ""
-    source_yaml: str = ""
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep file: the one record of what a sweep is, stored (`record()`) in its p2sweep.json and read
+    back (`from_record`) by every command."""
+    name: str
+    base: dict  # the base training config as a nested dict (overrides applied, every default filled in)
+    metric: str
+    space: dict  # dotted key -> (kind, values)
+    search: Search = field(default_factory=Search)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    tracking: Tracking = field(default_factory=Tracking)
+    seeds: list = field(default_factory=lambda: [0])
+    max_failures: int = 1
+    storage: str = ""
     baselines: list = field(default_factory=list)
-    raw: dict = field(default_factory=dict)  # the sweep file's mapping after --set (stored for resume)
+    overrides: dict = field(default_factory=dict)  # the sweep file's `overrides:` (already in `base`), for the report
+    description: str = ""
+    source_yaml: str = ""
+
+    @property
+    def max_images(self) -> int:
+        return self.scheduler.max_images
+
+    def record(self) -> dict:
+        """The JSON form kept in p2sweep.json: nested as the sweep file is, every default filled in."""
+        d = asdict(self)
+        d["space"] = {k: {kind: list(vals)} for k, (kind, vals) in self.space.items()}
+        return d
+
+    @classmethod
+    def from_record(cls, d: dict) -> "SweepSpec":
+        """The spec a `record()` was made of (TypeError/KeyError/ValueError/AttributeError for another shape)."""
+        d = dict(d)
+        d["space"] = {k: next(iter(v.items())) for k, v in d["space"].items()}
+        d["space"] = {k: (kind, list(vals)) for k, (kind, vals) in d["space"].items()}
+        for key, section in (("search", Search), ("scheduler", Scheduler), ("resources", Resources),
+                             ("tracking", Tracking)):
+            d[key] = section(**d[key])
+        return cls(**d)
 
     def base_config(self) -> TrainingConfig:
         return config_from_dict(copy.deepcopy(self.base))
@@ -78,17 +122,18 @@ class SweepSpec:
 
     def rungs(self) -> list[int]:
         """ASHA's milestones in images: grace * rf^k up to max_images (the evaluation points must include them)."""
-        if self.scheduler != "asha":
+        sch = self.scheduler
+        if sch.type != "asha":
             return []
-        out, r = [], self.grace_period_images
-        while r < self.max_images:
+        out, r = [], sch.grace_period_images
+        while r < sch.max_images:
             out.append(int(r))
-            r *= self.reduction_factor
-        return out + [self.max_images]
+            r *= sch.reduction_factor
+        return out + [sch.max_images]
 
     def rung_metric_map(self) -> dict:
         """{rung (images): its own metric} for the low rungs that have one."""
-        return dict(zip(self.milestones(), self.rung_metrics))
+        return dict(zip(self.milestones(), self.scheduler.rung_metrics))
 
     def grid_size(self) -> int:
         n = 1
@@ -99,9 +144,9 @@ class SweepSpec:
 
     def num_configs(self) -> int:
         """Configurations the search tries (each runs once per seed)."""
-        if self.algorithm == "optuna":
-            return self.num_samples
-        return self.grid_size() * self.num_samples
+        if self.search.algorithm == "optuna":
+            return self.search.num_samples
+        return self.grid_size() * self.search.num_samples
 
     def num_trials(self) -> int:
         return self.num_configs() * len(self.seeds)
@@ -156,11 +201,9 @@ def load_sweep(path: str, overrides: dict | None = None) -> SweepSpec:
     if bad:
         raise UserError(f"--set {bad[0]}: not a sweep key (use base.<config.path>=... for the training config)")
     try:
-        spec = parse_sweep(raw, os.path.dirname(os.path.abspath(path)), cfg_over, source=open(path).read())
+        return parse_sweep(raw, os.path.dirname(os.path.abspath(path)), cfg_over, source=open(path).read())
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    spec.raw = raw
-    return spec
 
 
 def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source: str = "") -> SweepSpec:
@@ -235,15 +278,15 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
           "expected a list of metric names, one per rung from the lowest (e.g. [kid1k_ddim10, kid1k_ddim10])")
     if rung_metrics:
         _need(stype == "asha", "scheduler.rung_metrics", "needs scheduler.type: asha")
-        n_low = len(SweepSpec(name="", base={}, metric=metric, space={}, grace_period_images=grace,
-                              max_images=max_images, reduction_factor=rf).milestones())
+        ladder = SweepSpec(name="", base={}, metric=metric, space={},
+                           scheduler=Scheduler(grace_period_images=grace, max_images=max_images, reduction_factor=rf))
+        n_low = len(ladder.milestones())
         _need(len(rung_metrics) <= n_low, "scheduler.rung_metrics",
               f"{len(rung_metrics)} metrics for {n_low} rung(s) below the end of training "
               f"(the end is always judged on `metric`)")
         _need("train.batch_size" not in space, "scheduler.rung_metrics",
               "cannot be combined with a searched train.batch_size (trials would reach the rungs at different points)")
-        lows = SweepSpec(name="", base={}, metric=metric, space={}, grace_period_images=grace,
-                         max_images=max_images, reduction_factor=rf).rungs()
+        lows = ladder.rungs()
         for r, nxt, m in zip(lows, lows[1:], rung_metrics):
             # one training step must not cross a cheap rung and the next point: one report would answer both
             _need(nxt - r >= cfg.train.batch_size, "scheduler.rung_metrics",
@@ -292,14 +335,18 @@ def parse_sweep(raw: dict, here: str = ".", cfg_over: dict | None = None, source
     _need(isinstance(sseed, int), "search.seed", "must be an integer")
     baselines = parse_baselines(raw.get("baselines"), base, here)
     name = validate_name(raw.get("name") or "sweep", "name")
-    return SweepSpec(name=name, base=base, metric=metric, space=space, algorithm=algo, num_samples=ns,
-                     max_concurrent=mc, search_seed=sseed, scheduler=stype,
-                     grace_period_images=grace, max_images=max_images, reduction_factor=rf,
-                     rung_metrics=list(rung_metrics), ema_rule=ema_rule, seeds=seeds, cpu=cpu,
-                     gpu=gpu, max_failures=mf, storage=str(raw.get("storage") or ""),
-                     mlflow_uri=str(tr.get("mlflow_uri") or ""), optuna_storage=str(tr.get("optuna_storage") or ""),
-                     cache_dir=str(tr.get("cache_dir") or ""), s3_endpoint_url=ep,
-                     s3_region=str(tr.get("s3_region") or ""), source_yaml=source, baselines=baselines)
+    desc = str(raw.get("description") or "")
+    return SweepSpec(name=name, base=base, metric=metric, space=space,
+                     search=Search(algorithm=algo, num_samples=ns, max_concurrent=mc, seed=sseed),
+                     scheduler=Scheduler(type=stype, grace_period_images=grace, max_images=max_images,
+                                         reduction_factor=rf, rung_metrics=list(rung_metrics), ema_rule=ema_rule),
+                     resources=Resources(cpu=cpu, gpu=gpu),
+                     tracking=Tracking(mlflow_uri=str(tr.get("mlflow_uri") or ""),
+                                       optuna_storage=str(tr.get("optuna_storage") or ""),
+                                       cache_dir=str(tr.get("cache_dir") or ""), s3_endpoint_url=ep,
+                                       s3_region=str(tr.get("s3_region") or "")),
+                     seeds=seeds, max_failures=mf, storage=str(raw.get("storage") or ""), baselines=baselines,
+                     overrides={**ov, **(cfg_over or {})}, description=desc, source_yaml=source)
 
 
 def has_credentials(value) -> bool:
@@ -324,16 +371,17 @@ def describe(spec: SweepSpec) -> str:
     cfg = spec.base_config()
     pts = eval_points(cfg, spec.rungs())
     n = spec.num_trials()
-    lines = [f"sweep {spec.name}: metric {spec.metric} (min), search {spec.algorithm}, scheduler {spec.scheduler}"]
+    lines = [f"sweep {spec.name}: metric {spec.metric} (min), search {spec.search.algorithm}, scheduler "
+             f"{spec.scheduler.type}"]
     for k, (kind, vals) in spec.space.items():
         lines.append(f"  {k}: {kind} {vals}")
     lines.append(f"  seeds: {spec.seeds}; sampling specs evaluated at the end: {cfg.eval.sampling_steps}")
-    if spec.scheduler == "asha":
-        lines.append(f"  ASHA rungs (images): {spec.rungs()} (reduction factor {spec.reduction_factor})")
+    if spec.scheduler.type == "asha":
+        lines.append(f"  ASHA rungs (images): {spec.rungs()} (reduction factor {spec.scheduler.reduction_factor})")
         for r in spec.milestones():
             lines.append(f"    rung {r}: judged on {spec.rung_metric_map().get(r, spec.metric)}")
-    lines.append(f"  resources per trial: cpu {spec.cpu:g}, gpu {spec.gpu:g}; max_concurrent "
-                 f"{spec.max_concurrent or 'unlimited'}; max_failures {spec.max_failures}")
+    lines.append(f"  resources per trial: cpu {spec.resources.cpu:g}, gpu {spec.resources.gpu:g}; max_concurrent "
+                 f"{spec.search.max_concurrent or 'unlimited'}; max_failures {spec.max_failures}")
     per_img = cfg.train.total_images
     from p2core.metrics import parse_metric_name
 
@@ -357,12 +405,3 @@ def format_duration(s: str) -> float:
         return float(s)
     except (ValueError, IndexError):
         raise UserError(f"--time-budget {s!r}: expected e.g. 45m or 2h") from None
-
-
-def spec_of(meta) -> SweepSpec:
-    """The sweep as it was started (its validated base config and the sweep file's mapping after --set)."""
-    raw = dict(meta.raw)
-    raw.pop("overrides", None)  # already applied to the stored base
-    spec = parse_sweep(raw | {"base": meta.base, "name": meta.name}, meta.sweep_dir)
-    spec.source_yaml = meta.source_yaml
-    return spec

@@ -77,14 +77,14 @@ def collect(meta, trials: list, *, provenance: dict, baselines: dict, importance
              for t in trials if t.state == "STOPPED" and t.last_rung]
     costs = [A.trial_cost(t, rows_of[t.trial_id]) for t in trials]
     cost = A.cost_summary(costs, meta.max_images)
-    raw = meta.raw or {}
+    rec = meta.spec.record()
     return {
         "sweep": {"name": meta.name, "metric": meta.metric, "state": sweep_state(trials, expected_trials),
                   "trials": len(trials), "states": {s: sum(t.state == s for t in trials)
                                                     for s in sorted({t.state for t in trials})},
-                  "seeds": meta.seeds, "max_images": meta.max_images, "space": raw.get("space", {}),
-                  "search": raw.get("search", {}), "scheduler": raw.get("scheduler", {}),
-                  "overrides": raw.get("overrides", {}), "base": meta.base, "storage": meta.dir,
+                  "seeds": meta.seeds, "max_images": meta.max_images, "space": rec["space"],
+                  "search": rec["search"], "scheduler": rec["scheduler"],
+                  "overrides": rec["overrides"], "base": meta.base, "storage": meta.dir,
                   "reported_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
         "provenance": provenance,
         "arms": {str(g): {"label": labels[g], "params": params[g], "trials": [t.trial_id for t in ts],

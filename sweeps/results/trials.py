@@ -44,6 +44,21 @@ def tune_states(d: str) -> dict:
     state Tune saved last (saved before Tune tears its trials down, so an interrupted trial is still RUNNING there).
     States: TERMINATED (trained to the end), STOPPED (ended early by ASHA), DIVERGED, ERROR, or RUNNING/PENDING/PAUSED
     (interrupted)."""
+    out = {}
+    for tid, t in saved_trials(d).items():
+        m = t["last_result"]
+        st = t["status"]
+        if st == "TERMINATED":
+            st = "DIVERGED" if m.get("diverged") else "TERMINATED" if m.get("final") else "STOPPED"
+        out[tid] = {"state": st, "diverged": bool(m.get("diverged")),
+                    "images_seen": int(m.get("images_seen", 0) or 0), "config": t["config"], "dir": t["dir"],
+                    "failures": t["failures"], "error_file": t["error_file"], "driver_clock": t["driver_clock"]}
+    return out
+
+
+def saved_trials(d: str) -> dict:
+    """{trial_id: {status (Tune's own), config, last_result, dir, failures, error_file, driver_clock}} of the
+    experiment state Tune saved last, as Tune restores it."""
     newest = newest_experiment_state(d)  # by the start time each state records, not by its (local-time) name
     text = S.read_text(newest) if newest else None
     if text is None:
@@ -52,17 +67,12 @@ def tune_states(d: str) -> dict:
     clock = _driver_clock(newest, data)
     out = {}
     for tr, rt in compat.saved_trials(data):
-        m = rt.get("last_result") or {}
-        st = tr.get("status", "PENDING")
-        if st == "TERMINATED":
-            st = "DIVERGED" if m.get("diverged") else "TERMINATED" if m.get("final") else "STOPPED"
         cfg = tr.get("config") or {}
-        tid = tr[compat.TRIAL_ID]
-        out[tid] = {"state": st, "diverged": bool(m.get("diverged")),
-                    "images_seen": int(m.get("images_seen", 0) or 0),
-                    "config": {k: v for k, v in cfg.items() if isinstance(k, str)},
-                    "dir": tr.get("relative_logdir") or "", "failures": int(rt.get("num_failures", 0)),
-                    "error_file": rt.get("error_filename") or "", "driver_clock": clock}
+        out[tr[compat.TRIAL_ID]] = {
+            "status": tr.get("status", "PENDING"), "config": {k: v for k, v in cfg.items() if isinstance(k, str)},
+            "last_result": rt.get("last_result") or {}, "dir": tr.get("relative_logdir") or "",
+            "failures": int(rt.get("num_failures", 0)), "error_file": rt.get("error_filename") or "",
+            "driver_clock": clock}
     return out
 
 

@@ -44,7 +44,7 @@ def view_columns(meta, trials) -> tuple[list, list]:
 
     from ..results.analysis import family
 
-    params = sorted((meta.raw or {}).get("space") or {})
+    params = sorted(meta.spec.space)
     fam = family(trials, meta.metric) or [meta.metric]
     other = sorted({k for t in trials for ev in t.points.values() for k in ev if is_metric_name(split_ema(k)[0])}
                    - set(fam))

@@ -6,6 +6,7 @@ MLflow parent run, the Optuna study, the experiment folder), so the same `run` c
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -20,7 +21,7 @@ from ..storage import fs as S
 from ..storage import layout as L
 from ..storage import tune_state
 from ..record.meta import META, STATES, Paths, SweepMeta, load_meta, storage_root, validate_name
-from ..record.spec import SweepSpec, spec_of
+from ..record.spec import SweepSpec
 
 
 def tracking_uri(spec_uri: str, storage: str) -> str:
@@ -40,21 +41,22 @@ def resolve_paths(spec: SweepSpec, storage: str) -> Paths:
     from ..record.spec import has_credentials
 
     root = storage_root(storage)
-    env_uri = "" if spec.mlflow_uri else os.environ.get("MLFLOW_TRACKING_URI", "")  # the one written to p2sweep.json
+    tr = spec.tracking
+    env_uri = "" if tr.mlflow_uri else os.environ.get("MLFLOW_TRACKING_URI", "")  # the one written to p2sweep.json
     for what, v in (("--storage", root), ("MLFLOW_TRACKING_URI", env_uri)):
         if has_credentials(v):
             raise UserError(f"{what}: a URL with a password in it would be written to p2sweep.json; use "
                             "the service's own variables (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD)")
     if S.is_uri(root):
         S.resolve(root)  # a URI without a bucket, an unknown scheme: say so now
-        if spec.algorithm == "optuna" and not spec.optuna_storage:
+        if spec.search.algorithm == "optuna" and not tr.optuna_storage:
             raise UserError(f"--storage {root}: an Optuna sweep on object storage needs tracking.optuna_storage (a "
                             "database URL every node and resume can reach, e.g. postgresql://...)")
-        return Paths(storage=root, mlflow_uri=tracking_uri(spec.mlflow_uri, root),
-                     optuna_storage=spec.optuna_storage, cache_dir=spec.cache_dir or S.join(root, L.CACHE))
-    return Paths(storage=root, mlflow_uri=tracking_uri(spec.mlflow_uri, root),
-                 optuna_storage=spec.optuna_storage or L.optuna_db_uri(root),
-                 cache_dir=spec.cache_dir or os.path.join(root, L.CACHE))
+        return Paths(storage=root, mlflow_uri=tracking_uri(tr.mlflow_uri, root),
+                     optuna_storage=tr.optuna_storage, cache_dir=tr.cache_dir or S.join(root, L.CACHE))
+    return Paths(storage=root, mlflow_uri=tracking_uri(tr.mlflow_uri, root),
+                 optuna_storage=tr.optuna_storage or L.optuna_db_uri(root),
+                 cache_dir=tr.cache_dir or os.path.join(root, L.CACHE))
 
 
 def provenance() -> dict:
@@ -82,7 +84,8 @@ def precompute_reference(spec: SweepSpec, paths: Paths, address: str | None) -> 
     the cache or, for object storage, copy them from it)."""
     from .driver_tasks import reference_as_task
 
-    out = reference_as_task(spec.base, paths.cache_dir, spec.cpu, spec.gpu, whole_node=_local(address))
+    out = reference_as_task(spec.base, paths.cache_dir, spec.resources.cpu, spec.resources.gpu,
+                            whole_node=_local(address))
     gpus = f" on GPU {out['gpus']}" if out.get("gpus") else ""
     print(f"reference statistics: {'computed' if out['computed'] else 'found in ' + out['path']}{gpus} in "
           f"{out['wall_seconds']:.1f} s", file=sys.stderr)
@@ -97,7 +100,7 @@ def _local(address: str | None) -> bool:
 def start_ray(spec: SweepSpec, address: str | None, worker_env: dict | None = None) -> None:
     """Start or attach Ray, then check that one trial fits on some node (Ray would let it pend for ever)."""
     ray_env.init_ray(address, worker_env)
-    ray_env.check_fits(spec.cpu, spec.gpu, attached=not _local(address))
+    ray_env.check_fits(spec.resources.cpu, spec.resources.gpu, attached=not _local(address))
 
 
 # -- building the Tuner -------------------------------------------------------------------------------------------
@@ -109,13 +112,14 @@ def build_trainable(spec: SweepSpec, paths: Paths, ref_file: str = ""):
 
     # a cache in object storage: each node keeps its own local cache and copies the reference statistics into it
     local = not S.is_uri(paths.cache_dir)
-    info = TrialInfo(metric=spec.metric, rungs=spec.rungs(), rung_metrics=spec.rung_metric_map(), cpu=spec.cpu,
-                     ema_rule=spec.ema_rule,
+    info = TrialInfo(metric=spec.metric, rungs=spec.rungs(), rung_metrics=spec.rung_metric_map(),
+                     cpu=spec.resources.cpu,
+                     ema_rule=spec.scheduler.ema_rule,
                      cache_dir=paths.cache_dir if local else "", ref_file="" if local else ref_file)
     fn = tune.with_parameters(run_trial, base=spec.base, info=info)
-    res = {"cpu": spec.cpu}
-    if spec.gpu:
-        res["gpu"] = spec.gpu
+    res = {"cpu": spec.resources.cpu}
+    if spec.resources.gpu:
+        res["gpu"] = spec.resources.gpu
     return tune.with_resources(fn, res)
 
 
@@ -123,18 +127,18 @@ def make_searcher(spec: SweepSpec, meta: SweepMeta):
     from .schedulers import GroupSearcher
 
     # Optuna: TPE learns little from configurations asked all at once, so a default of two at a time (x seeds)
-    limit = spec.max_concurrent or (2 * len(spec.seeds) if spec.algorithm == "optuna" else 0)
-    return GroupSearcher(spec.space, spec.algorithm, spec.num_samples, spec.seeds, spec.metric,
-                         search_seed=spec.search_seed, optuna_url=meta.paths.optuna_storage,
+    limit = spec.search.max_concurrent or (2 * len(spec.seeds) if spec.search.algorithm == "optuna" else 0)
+    return GroupSearcher(spec.space, spec.search.algorithm, spec.search.num_samples, spec.seeds, spec.metric,
+                         search_seed=spec.search.seed, optuna_url=meta.paths.optuna_storage,
                          study_name=meta.study_name, sweep_id=meta.sweep_id, max_concurrent=limit)
 
 
 def make_scheduler(spec: SweepSpec, exp_dir: str):
-    if spec.scheduler != "asha":
+    if spec.scheduler.type != "asha":
         return None
     from .schedulers import GroupASHA
 
-    return GroupASHA(spec.metric, spec.milestones(), spec.reduction_factor, len(spec.seeds),
+    return GroupASHA(spec.metric, spec.milestones(), spec.scheduler.reduction_factor, len(spec.seeds),
                      history=functools.partial(R.rung_history, exp_dir, spec.metric))
 
 
@@ -198,7 +202,7 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
     ray_env.prepare(address)  # before anything imports Ray (the console does)
     tune_state.pin_utc()  # before Tune names its state files by the driver's local time
     quiet_console(verbose)
-    worker_env = ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
+    worker_env = ray_env.storage_env(spec.tracking.s3_endpoint_url, spec.tracking.s3_region)
     paths = resolve_paths(spec, storage)
     d = S.join(paths.storage, name)
     if S.exists(S.join(d, META)):
@@ -210,14 +214,13 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
     if not S.is_uri(paths.storage):
         os.makedirs(paths.storage, exist_ok=True)  # the default SQLite files live in it
     sweep_id = SweepMeta.new_id()
-    meta = SweepMeta(name=name, sweep_id=sweep_id, metric=spec.metric, max_images=spec.max_images, base=spec.base,
-                     source_yaml=spec.source_yaml, raw=spec.raw, paths=paths, parent_run_id="", experiment=name,
-                     sweep_dir=spec_dir, address=address, seeds=list(spec.seeds))
+    meta = SweepMeta(name=name, sweep_id=sweep_id, spec=dataclasses.replace(spec, name=name), paths=paths,
+                     parent_run_id="", experiment=name, sweep_dir=spec_dir, address=address)
     created_dir = not S.exists(d)
     study = None
     c = None
     try:
-        if spec.algorithm == "optuna":  # a bad Optuna URL fails here
+        if spec.search.algorithm == "optuna":  # a bad Optuna URL fails here
             from .schedulers import open_study
 
             study = open_study(paths.optuna_storage, meta.study_name, sweep_id, create=True)
@@ -233,9 +236,10 @@ def run(spec: SweepSpec, name: str, storage: str, address: str | None, time_budg
         parent = create_run_once(c, exp, f"{name} (sweep)", {"p2sweep.role": "sweep", "p2sweep.sweep": name,
                                                              "p2sweep.sweep_id": sweep_id}, "p2sweep.sweep_id")
         meta.parent_run_id = parent.info.run_id
-        params = {"sweep.metric": spec.metric, "sweep.algorithm": spec.algorithm, "sweep.scheduler": spec.scheduler,
+        params = {"sweep.metric": spec.metric, "sweep.algorithm": spec.search.algorithm,
+                  "sweep.scheduler": spec.scheduler.type,
                   "sweep.seeds": str(spec.seeds), "sweep.max_images": spec.max_images, "sweep.id": sweep_id,
-                  "sweep.rung_metrics": str(spec.rung_metric_map() or "-"), "sweep.ema_rule": spec.ema_rule,
+                  "sweep.rung_metrics": str(spec.rung_metric_map() or "-"), "sweep.ema_rule": spec.scheduler.ema_rule,
                   "reference.computed": ref["computed"], "reference.task_seconds": round(ref["wall_seconds"], 1),
                   **provenance()}
         c.log_batch(meta.parent_run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -278,7 +282,7 @@ def run_baselines(spec: SweepSpec, meta: SweepMeta, ref_file: str, address: str 
     baselines.evaluate(spec.baselines, spec.base, meta.dir, p.cache_dir,
                        tracker=lambda b, cfg, res: log_baseline(p.mlflow_uri, meta.experiment, meta.parent_run_id, b,
                                                                 cfg, res),
-                       run=baseline_runner(spec.base, p.cache_dir, ref_file, spec.cpu, spec.gpu,
+                       run=baseline_runner(spec.base, p.cache_dir, ref_file, spec.resources.cpu, spec.resources.gpu,
                                            whole_node=_local(address)))
 
 
@@ -288,14 +292,14 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     ray_env.prepare(address)  # before anything imports Ray (the console does)
     tune_state.pin_utc()
     quiet_console(verbose)
-    spec = spec_of(meta)
-    worker_env = ray_env.storage_env(spec.s3_endpoint_url, spec.s3_region)
+    spec = meta.spec
+    worker_env = ray_env.storage_env(spec.tracking.s3_endpoint_url, spec.tracking.s3_region)
     # Ray attached and a trial's fit checked before anything is written (the store re-rooted, the run RUNNING)
     start_ray(spec, address, worker_env)
     from ..tracking.repair import follow_move
 
     follow_move(meta)
-    if spec.algorithm == "optuna":
+    if spec.search.algorithm == "optuna":
         from .schedulers import open_study
 
         open_study(meta.paths.optuna_storage, meta.study_name, meta.sweep_id, create=False)
@@ -311,12 +315,18 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     run_baselines(spec, meta, ref["path"], address)  # those already evaluated are skipped
     # Tune's tuner.pkl exists from the start, its experiment state only after the first save: without it (the
     # driver died within seconds) Tune's restore would quietly start a one-trial experiment, so start afresh
-    restore = bool(S.glob(meta.dir, compat.EXPERIMENT_STATE))
+    # the same when the first save reached the storage only in part (Tune's restore would run the saved trials and
+    # create no others without its searcher state, or start afresh without the searcher's own file)
+    restore = all(S.glob(meta.dir, pattern) for pattern in compat.STATE_PATTERNS)
+    if not restore and S.glob(meta.dir, compat.EXPERIMENT_STATE):
+        print("p2sweep: Tune's first state save is incomplete in the storage (no searcher state): the sweep's "
+              "trials start afresh", file=sys.stderr)
     return _fit(spec, meta, address, time_budget_s, restore=restore, retry_errored=retry_errored,
                 ref_file=ref["path"], verbose=verbose)
 
 
-def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta, verbose: bool = False) -> None:
+def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta, verbose: bool = False,
+                     retry_errored: bool = False) -> None:
     """A restored Tuner brings back the tracker, scheduler and searcher pickled in `tuner.pkl` when the sweep started,
     with the paths of that time: point them at where the sweep is now (a moved or copied storage writes its own
     MLflow and Optuna stores, rebuilds ASHA from its own results and puts new trials in its own folder)."""
@@ -345,8 +355,8 @@ def repoint_restored(tuner, spec: SweepSpec, meta: SweepMeta, verbose: bool = Fa
     searcher = tc.search_alg.searcher if isinstance(tc.search_alg, SearchGenerator) else tc.search_alg
     if isinstance(searcher, GroupSearcher):
         searcher.optuna_url, searcher._study = meta.paths.optuna_storage, None
-        restored = {tid: st["config"] for tid, st in R.tune_states(meta.dir).items()}  # the state Tune resumes
-        tc.search_alg = RootedSearchGenerator(searcher, *S.ray_storage(meta.paths.storage), restored=restored)
+        tc.search_alg = RootedSearchGenerator(searcher, *S.ray_storage(meta.paths.storage),
+                                              restored=R.saved_trials(meta.dir), retry_errored=retry_errored)
 
 
 def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool, retry_errored: bool = False,
@@ -365,7 +375,7 @@ def _fit(spec: SweepSpec, meta: SweepMeta, address, time_budget_s, restore: bool
         path, fs = S.ray_storage(meta.dir)
         tuner = tune.Tuner.restore(path, build_trainable(spec, meta.paths, ref_file), resume_unfinished=True,
                                    resume_errored=retry_errored, restart_errored=False, storage_filesystem=fs)
-        repoint_restored(tuner, spec, meta, verbose)
+        repoint_restored(tuner, spec, meta, verbose, retry_errored)
     else:
         tuner = new_tuner(spec, meta, ref_file, verbose)
     interrupted = False

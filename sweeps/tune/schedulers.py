@@ -339,43 +339,56 @@ class GroupSearcher(Searcher):
             self.set_state(pickle.load(f))
         self._checked = False
 
-    def reconcile(self, restored: dict) -> int:
-        """Make this searcher's record agree with the trials Tune restored ({trial_id: config}, from the experiment
-        state Tune resumes). Tune saves the two in separate files, and copies them to the storage one by one: a
-        driver killed in between leaves a searcher that handed out a trial Tune never saved (that replicate would
-        never run: it counts as live, and the searcher as finished) or one that never heard of a trial Tune runs
-        (its result would not count, and its replicate would be handed out again). Returns how many replicates
-        were put back in the queue."""
+    def reconcile(self, restored: dict, retry_errored: bool = False) -> int:
+        """Make this searcher's record agree with the trials Tune restored ({trial_id: {"config", "status",
+        "last_result"}}, from the experiment state Tune resumes). Tune saves the two in separate files, and copies
+        them to the storage one by one: a driver killed in between leaves a searcher that handed out a trial Tune
+        never saved (that replicate would never run: it counts as live, and the searcher as finished) or one that
+        never heard of a trial Tune has, or of how it ended (its result would not count, its replicate could run
+        twice, its Optuna trial stay RUNNING). Tune calls no searcher method for the trials it restores, so the
+        outcome of one that ended (and that Tune will not run again) is taken from its last result here. No Optuna
+        I/O (Tune's restore): the groups this completes are told at the next `suggest`. Returns how many
+        replicates were put back in the queue."""
         requeue = []
         for tid in [t for t in self.trial_group if t not in restored]:
             g, seed = self.trial_group.pop(tid)
             if seed not in self.groups[g]["outcomes"]:
                 requeue.append((g, seed))
-        for tid, cfg in sorted(restored.items(), key=lambda kv: Replicate.of(kv[1]).group):
-            rep = Replicate.of(cfg)
-            if tid in self.trial_group or rep.group < 0:
+        for tid, t in sorted(restored.items(), key=lambda kv: Replicate.of(kv[1]["config"]).group):
+            rep = Replicate.of(t["config"])
+            if rep.group < 0:
                 continue
-            if rep.group not in self.groups:  # handed out after the searcher's last save: its values are the trial's
-                self.groups[rep.group] = {"params": rep.params, "optuna": None, "outcomes": {}, "steps": {},
-                                          "reported": [], "told": False}
-                self.queue += [(rep.group, s) for s in self.seeds]
-                self.next_group = max(self.next_group, rep.group + 1)
-            self.trial_group[tid] = (rep.group, rep.seed)
+            if tid not in self.trial_group:
+                if rep.group not in self.groups:  # handed out after the searcher's last save: the trial's values
+                    self.groups[rep.group] = {"params": rep.params, "optuna": None, "outcomes": {}, "steps": {},
+                                              "reported": [], "told": False}
+                    self.queue += [(rep.group, s) for s in self.seeds]
+                    self.next_group = max(self.next_group, rep.group + 1)
+                self.trial_group[tid] = (rep.group, rep.seed)
+            ended = t["status"] == "TERMINATED" or (t["status"] == "ERROR" and not retry_errored)
+            outcomes = self.groups[rep.group]["outcomes"]
+            if ended and rep.seed not in outcomes:
+                outcomes[rep.seed] = self._outcome(t["last_result"], error=t["status"] == "ERROR")
         held = set(self.trial_group.values())
         self.queue = [q for q in requeue + self.queue if q not in held]
+        self._checked = False
         return len(requeue)
 
     def _optuna_number(self, group: int) -> int | None:
         """The Optuna trial of a group; for a group rebuilt from a trial's config (`reconcile`), the RUNNING Optuna
-        trial no other group holds with the same values."""
+        trial no other group holds with the same values (else a new one asked with them)."""
         grp = self.groups[group]
         if grp["optuna"] is None:
             import optuna
 
             held = {x["optuna"] for x in self.groups.values()}
-            grp["optuna"] = next((t.number for t in self.study.get_trials(deepcopy=False)
-                                  if t.state == optuna.trial.TrialState.RUNNING and t.number not in held
-                                  and t.params == grp["params"]), None)
+            number = next((t.number for t in self.study.get_trials(deepcopy=False)
+                           if t.state == optuna.trial.TrialState.RUNNING and t.number not in held
+                           and t.params == grp["params"]), None)
+            if number is None:  # its Optuna trial was never asked, or is gone: one with the group's own values
+                self.study.enqueue_trial(grp["params"], skip_if_exists=False)
+                number = self.study.ask(optuna_distributions(self.space)).number
+            grp["optuna"] = number
         return grp["optuna"]
 
     def __getstate__(self):
@@ -428,16 +441,21 @@ class GroupSearcher(Searcher):
         return dict(t.params), t.number
 
     def suggest(self, trial_id: str):
+        if not self._checked:  # after a restore or a restart: Optuna trials a dead driver asked come back, and
+            try:               # configurations whose seeds all ended (restored ones included) are told
+                self.find_adoptable()
+                self.retell()
+                self._checked = True
+            except Exception as e:  # the Optuna database is unreachable: ask again on Tune's next call
+                warnings.warn(f"Optuna: could not read the study ({str(e).splitlines()[0][:160]})")
+                return None
+        if not self.queue and self.next_group >= self.n_configs:
+            return Searcher.FINISHED  # before the concurrency limit: Tune must hear it even with trials live
         if self.max_concurrent and self.live() >= self.max_concurrent:
             return None
         if not self.queue:
-            if self.next_group >= self.n_configs:
-                return Searcher.FINISHED
             g = self.next_group
             try:
-                if not self._checked:  # after a restore or a restart: Optuna trials a dead driver asked come back
-                    self.find_adoptable()
-                    self._checked = True
                 params, number = self.params_for(g)
             except Exception as e:  # the Optuna database is unreachable: ask again on Tune's next call
                 warnings.warn(f"Optuna: could not ask for a configuration ({str(e).splitlines()[0][:160]})")
@@ -474,20 +492,23 @@ class GroupSearcher(Searcher):
             self.on_trial_result(trial_id, result)  # Tune skips on_trial_result for the report it answers STOP
         g, seed = self.trial_group[trial_id]
         grp = self.groups[g]
-        if error or not result:
-            grp["outcomes"][seed] = ("error", None)
-        else:
-            rep = TrialReport.from_result(self.sweep_metric, result)
-            if rep.final:  # the final point always has the sweep metric (its EMA candidates with ema_rule best)
-                # with EMA candidates a NaN of the tracked EMA alone is not a failure: the other EMAs still count
-                value = (rep.judged if rep.rung_candidates and not rep.diverged else
-                         math.inf if rep.failed_value or rep.value is None else rep.value)
-                grp["outcomes"][seed] = ("diverged" if rep.failed_value else "complete", value)
-            else:
-                grp["outcomes"][seed] = ("stopped", rep.value)
+        grp["outcomes"][seed] = self._outcome(result, error)
         if len(grp["outcomes"]) == len(self.seeds):
             self.tell(g)
         self.retell()
+
+    def _outcome(self, result: dict | None, error: bool = False) -> tuple[str, float | None]:
+        """How a seed ended, from its last result: error, diverged, complete (with its value) or stopped."""
+        if error or not result:
+            return "error", None
+        rep = TrialReport.from_result(self.sweep_metric, result)
+        if not rep.final:
+            return "stopped", rep.value
+        # the final point always has the sweep metric (its EMA candidates with ema_rule best); with EMA candidates
+        # a NaN of the tracked EMA alone is not a failure: the other EMAs still count
+        value = (rep.judged if rep.rung_candidates and not rep.diverged else
+                 math.inf if rep.failed_value or rep.value is None else rep.value)
+        return ("diverged" if rep.failed_value else "complete"), value
 
     def verdict(self, group: int) -> tuple[str, float | None]:
         """("complete", mean) if every seed reached the end (+inf if one diverged), ("pruned", None) if one was
@@ -529,6 +550,7 @@ class GroupSearcher(Searcher):
     def _report(self, group: int, value: float, step: int) -> None:
         import optuna
 
+        number = self.groups[group]["optuna"]
         try:
             number = self._optuna_number(group)
             frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
@@ -588,10 +610,12 @@ class RootedSearchGenerator(SearchGenerator):
     folder from it: a moved or copied storage would have new trials written to the original. This keeps the
     storage the sweep is in now (as Tune itself does for the trials it restores)."""
 
-    def __init__(self, searcher: Searcher, storage_fs_path: str, storage_filesystem, restored: dict | None = None):
+    def __init__(self, searcher: Searcher, storage_fs_path: str, storage_filesystem, restored: dict | None = None,
+                 retry_errored: bool = False):
         super().__init__(searcher)
         self._fs_path, self._fs = storage_fs_path, storage_filesystem
-        self._restored = restored  # {trial_id: config} of the experiment state Tune resumes
+        # the trials of the experiment state Tune resumes ({trial_id: {config, status, last_result}})
+        self._restored, self._retry_errored = restored, retry_errored
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
@@ -601,9 +625,15 @@ class RootedSearchGenerator(SearchGenerator):
         super().restore_from_dir(dirpath)
         if self._restored is None or not isinstance(self.searcher, GroupSearcher):
             return
-        back = self.searcher.reconcile(self._restored)
-        # Tune counts the trials it created and stops asking at num_samples: count the ones it has
-        self._counter = len(self._restored)
+        try:
+            back = self.searcher.reconcile(self._restored, self._retry_errored)
+        except Exception as e:  # never out of Tune's restore (it would start the experiment afresh)
+            log.warning("p2sweep: the searcher could not be matched to Tune's saved trials (%s); resuming with "
+                        "its own record", str(e).splitlines()[0][:200])
+            return
+        # Tune counts the trials it created and stops asking at num_samples: count the replicates it has (a sweep
+        # resumed before this fix may hold two trials of one replicate)
+        self._counter = len({Replicate.of(t["config"]).key for t in self._restored.values()})
         self._finished = False  # the searcher says FINISHED again once it is
         if back:
             log.warning("%d trial(s) the searcher had handed out were not in Tune's saved state (the driver died "
