@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from helpers import fake_trial
+from sweeps.record.spec import SweepSpec
 
 M = "rkid32_ddim5"
 
@@ -222,8 +223,7 @@ def _ranking_sweep(tmp_path):
               + three(3, {128: 0.8, 384: 0.6}))                               # complete, 0.6
     meta = SimpleNamespace(name="rank", metric=M, max_images=384, seeds=[0, 1, 2], dir=str(tmp_path),
                            base={"diffusion": {"p2_k": 1.0, "noise_schedule": "linear"}},
-                           raw={"space": {"train.lr": {"grid": [0.001, 0.002, 0.003, 0.004]}},
-                                "search": {"algorithm": "grid"}})
+                           spec=SweepSpec("rank", {}, M, {"train.lr": ("grid", [0.001, 0.002, 0.003, 0.004])}))
     return meta, trials
 
 
@@ -290,7 +290,8 @@ def test_case9_with_two_sampling_specs_best_compare_and_mlflow_agree_on_the_winn
             t.points[384][m50] = v50
             trials.append(t)
     meta = SimpleNamespace(name="two", metric=m10, max_images=384, seeds=[0, 1], dir=str(tmp_path),
-                           base={"diffusion": {}}, raw={"space": {"train.lr": {"grid": [0.001, 0.002]}}})
+                           base={"diffusion": {}},
+                           spec=SweepSpec("two", {}, m10, {"train.lr": ("grid", [0.001, 0.002])}))
     monkeypatch.setattr(C, "_trials", lambda name, storage: (meta, trials))
     C.cmd_best(SimpleNamespace(name="two", storage=None, scope="last", export=None))
     out = capsys.readouterr().out

@@ -733,6 +733,7 @@ def test_metric_names_are_the_evaluators_spelling(tmp_path):
     """`kid1000_ddim25` and `kid1k_ddim25` are one metric: a sweep keeps the evaluator's spelling, so the name it
     looks up in a trial's report is the one the trial reports (a sweep spelled `1000` once saw no value at all)."""
     from p2core.metrics import canonical_metric_name
+    from p2core.errors import UserError
     from sweeps.record.meta import load_meta
     from sweeps.record.spec import load_sweep
 
@@ -752,7 +753,9 @@ def test_metric_names_are_the_evaluators_spelling(tmp_path):
     # and the validated base config) with the other spelling reads back, with the evaluator's
     os.makedirs(tmp_path / "old")
     v1 = {"name": "old", "sweep_id": "x", "metric": "rkid1000_ddim5", "max_images": 384, "base": spec.base,
-          "source_yaml": "metric: rkid1000_ddim5", "raw": dict(d, overrides={"train.lr": 0.001}),
+          "source_yaml": "metric: rkid1000_ddim5",
+          # its baseline's checkpoint was on the machine that started it, not here: it was evaluated then
+          "raw": dict(d, overrides={"train.lr": 0.001}, baselines=[{"name": "off", "checkpoint": "/gone/ema.pt"}]),
           "paths": {"storage": str(tmp_path), "mlflow_uri": "", "optuna_storage": "", "cache_dir": ""},
           "parent_run_id": "", "experiment": "old", "sweep_dir": os.path.join(ROOT, "search_spaces"),
           "address": None, "seeds": [0]}
@@ -763,6 +766,13 @@ def test_metric_names_are_the_evaluators_spelling(tmp_path):
     old.save()  # written back as version 2; it reads back the same
     assert load_meta("old", str(tmp_path)).spec == old.spec
     assert json.load(open(tmp_path / "old" / "p2sweep.json"))["version"] == 2
+    assert old.spec.baselines == [{"name": "off", "checkpoint": "/gone/ema.pt", "overrides": {}}]
+    # a damaged record is one line naming the file, never a traceback
+    bad = json.load(open(tmp_path / "old" / "p2sweep.json"))
+    bad["sweep"]["space"]["diffusion.p2_gamma"] = {}
+    (tmp_path / "old" / "p2sweep.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match="p2sweep.json: not a p2sweep metadata file"):
+        load_meta("old", str(tmp_path))
 
 
 # -- issue 21: scheduler.ema_rule best: one EMA per configuration --------------------------------------------------

@@ -119,8 +119,15 @@ def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, ca
     assert "resources.gpu" in capsys.readouterr().err and open(meta_file).read() == asked
     c, runs = mlflow_runs(storage, "budget")
     assert next(x for x in runs if x.data.tags.get("p2sweep.role") == "sweep").info.status == "KILLED"
+    # ... and the sweep was started by an earlier p2sweep, whose p2sweep.json (version 1) kept the sweep file's
+    # mapping instead of the nested record: it resumes, and is rewritten as version 2
+    v2 = json.loads(kept)
+    rec = v2.pop("sweep")
+    v2.pop("version")
+    v1 = dict(v2, metric=rec["metric"], max_images=rec["scheduler"]["max_images"], base=rec["base"],
+              source_yaml=rec["source_yaml"], raw=yaml.safe_load(open(p)), seeds=rec["seeds"])
     with open(meta_file, "w") as f:
-        f.write(kept)
+        json.dump(v1, f)
     # the driver died between Tune's save of its trials and its save of the searcher (two files, copied to the
     # storage one by one): the experiment state lacks a trial the searcher handed out. It must run all the same
     # (it did not: the searcher counted it as live and the resume ended with one trial)
@@ -143,6 +150,7 @@ def test_time_budget_stops_cleanly_and_resume_finishes(tmp_path, ray_session, ca
     finally:
         monkeypatch.undo()
         time.tzset()
+    assert json.load(open(meta_file))["version"] == 2 and json.load(open(meta_file))["sweep"] == rec
     states = json.load(open(os.path.join(storage, "budget", "p2sweep_trials.json")))
     assert len(states) == 2 and lost not in states and {v["state"] for v in states.values()} == {"TERMINATED"}
     assert sorted(v["config"]["diffusion.p2_gamma"] for v in states.values()) == [0.0, 1.0]

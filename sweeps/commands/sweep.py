@@ -12,6 +12,7 @@ from .. import compat
 from ..results import trials as R
 from ..storage import fs as S
 from ..storage import layout as L
+from ..storage import trial_files as TF
 from ..record.meta import load_meta, storage_root, validate_name
 from ..results.table import format_table
 
@@ -201,7 +202,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-
 def _provenance(meta, uri: str) -> dict:
     """The versions and git commit the sweep ran with (its parent MLflow run at `uri`), or those of this process."""
     try:
@@ -252,7 +252,7 @@ def _local_copies(trials: list, tmp: str) -> list:
             continue
         d = os.path.join(tmp, S.basename(t.dir))
         S.download(S.join(t.dir, "result.json"), os.path.join(d, "result.json"))
-        S.download(S.join(t.dir, "p2", "samples"), os.path.join(d, "p2", "samples"))
+        S.download(TF.samples_dir(t.dir), TF.samples_dir(d))
         out.append(dataclasses.replace(t, dir=d))
     return out
 

@@ -68,6 +68,7 @@ class SweepMeta:
     sweep_dir: str = "."  # the sweep file's folder (relative paths in it)
     address: str | None = None
     moved_from: str = ""  # the storage root recorded when it was last saved, where it differs from where it is now
+    read_version: int = 2  # the p2sweep.json version it was read from (VERSION once saved)
 
     @property
     def metric(self) -> str:
@@ -101,7 +102,8 @@ class SweepMeta:
         d = {"version": VERSION, "name": self.name, "sweep_id": self.sweep_id, "sweep": self.spec.record(),
              "paths": asdict(self.paths), "parent_run_id": self.parent_run_id, "experiment": self.experiment,
              "sweep_dir": self.sweep_dir, "address": self.address}
-        write_text(join(self.dir, META), json.dumps(d, indent=1, default=str))
+        write_text(join(self.dir, META), json.dumps(d, indent=1))
+        self.read_version = VERSION
 
     @staticmethod
     def new_id() -> str:
@@ -127,26 +129,35 @@ def load_meta(name: str, storage: str | None) -> SweepMeta:
         if version > VERSION:
             raise UserError(f"{p}: written by a newer p2sweep (metadata version {version}; this one reads up to "
                             f"{VERSION})")
-        data["spec"] = SweepSpec.from_record(data.pop("sweep")) if version == VERSION else _spec_of_v1(data)
+        data["spec"] = SweepSpec.from_record(data.pop("sweep")) if version == VERSION else _spec_of_v1(data, p)
         data["paths"] = Paths(**data["paths"])
-        return SweepMeta(**data)
+        return SweepMeta(**data, read_version=version)
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise UserError(f"{p}: not a p2sweep metadata file of this version ({e})") from None
 
 
-def _spec_of_v1(data: dict):
+def _spec_of_v1(data: dict, path: str):
     """A sweep started before the nested record: its spec parsed again from the sweep file's mapping it kept, with
-    the validated base config it recorded. Pops the version-1 keys from `data`."""
+    the validated base config it recorded (its baselines as recorded: their checkpoints need not be on this machine
+    any more, they were evaluated when the sweep started). Pops the version-1 keys from `data`. Its `overrides`
+    are the sweep file's only (a version-1 file does not say which `--set base.*` values went into the base)."""
     from p2core.metrics import canonical_metric_name
 
     from .spec import parse_sweep
 
     raw = dict(data.pop("raw"))
     overrides = raw.pop("overrides", None) or {}  # already applied to the stored base
+    baselines = raw.pop("baselines", None) or []
     # a sweep run before names were normalised may spell the count its own way (kid1000_ddim25): its trials
     # report the evaluator's spelling (kid1k_ddim25)
     raw["metric"] = canonical_metric_name(data.pop("metric"))
-    spec = parse_sweep(raw | {"base": data.pop("base"), "name": data["name"]}, data.get("sweep_dir", "."))
+    here = data.get("sweep_dir", ".")
+    try:
+        spec = parse_sweep(raw | {"base": data.pop("base"), "name": data["name"]}, here)
+    except UserError as e:
+        raise UserError(f"{path}: its version-1 sweep record no longer validates ({e})") from None
+    spec.baselines = [{"name": b["name"], "checkpoint": os.path.join(here, b["checkpoint"]),
+                       "overrides": b.get("overrides") or {}} for b in baselines]
     spec.overrides, spec.source_yaml = overrides, data.pop("source_yaml", "")
     for k in ("max_images", "seeds"):
         data.pop(k, None)

@@ -106,8 +106,11 @@ class SweepSpec:
     def from_record(cls, d: dict) -> "SweepSpec":
         """The spec a `record()` was made of (TypeError/KeyError/ValueError/AttributeError for another shape)."""
         d = dict(d)
-        d["space"] = {k: next(iter(v.items())) for k, v in d["space"].items()}
-        d["space"] = {k: (kind, list(vals)) for k, (kind, vals) in d["space"].items()}
+        space = {}
+        for k, v in d["space"].items():
+            (kind, vals), = v.items()  # one kind per key (ValueError otherwise)
+            space[k] = (kind, list(vals))
+        d["space"] = space
         for key, section in (("search", Search), ("scheduler", Scheduler), ("resources", Resources),
                              ("tracking", Tracking)):
             d[key] = section(**d[key])
@@ -135,21 +138,24 @@ class SweepSpec:
         """{rung (images): its own metric} for the low rungs that have one."""
         return dict(zip(self.milestones(), self.scheduler.rung_metrics))
 
-    def grid_size(self) -> int:
-        n = 1
-        for kind, vals in self.space.values():
-            if kind == "grid":
-                n *= len(vals)
-        return n
-
     def num_configs(self) -> int:
         """Configurations the search tries (each runs once per seed)."""
-        if self.search.algorithm == "optuna":
-            return self.search.num_samples
-        return self.grid_size() * self.search.num_samples
+        return num_configs(self.space, self.search.algorithm, self.search.num_samples)
 
     def num_trials(self) -> int:
         return self.num_configs() * len(self.seeds)
+
+
+def num_configs(space: dict, algorithm: str, num_samples: int) -> int:
+    """How many configurations a search hands out: Optuna asks num_samples; grid and random draw num_samples per
+    point of the grid (the product of the `grid` values' lengths; 1 without any)."""
+    if algorithm == "optuna":
+        return num_samples
+    n = 1
+    for kind, vals in space.values():
+        if kind == "grid":
+            n *= len(vals)
+    return n * num_samples
 
 
 def _need(cond, key, msg):

@@ -9,6 +9,7 @@ import time
 from . import analysis as A
 from . import trials as R
 from .trials import UNFINISHED
+from ..storage import trial_files as TF
 
 
 MIN_IMPORTANCE_TRIALS = 8   # COMPLETE Optuna configurations below which parameter importance is not shown
@@ -116,7 +117,7 @@ def grid_files(trials: list) -> tuple[dict, int | None]:
     have: dict = {}  # arm -> {images: (seed, path)}
     for g, ts in A.groups_of(trials).items():
         for t in ts:
-            for f in sorted(glob.glob(os.path.join(t.dir, "p2", "samples", "grid_*.png"))) if t.dir else []:
+            for f in sorted(glob.glob(os.path.join(TF.samples_dir(t.dir), "grid_*.png"))) if t.dir else []:
                 n = int(os.path.basename(f)[5:-4])
                 have.setdefault(g, {}).setdefault(n, (t.seed, f))
     common = set.intersection(*[set(v) for v in have.values()]) if have else set()

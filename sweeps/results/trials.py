@@ -20,6 +20,7 @@ from p2core.metrics import CHOSEN, ema_name, parse_metric_name, same_family, sam
 
 from .. import compat
 from ..storage import fs as S
+from ..storage import trial_files as TF
 from ..record.meta import STATES
 from ..record.replicate import Replicate, config_key
 from ..record.trial_report import TrialReport
@@ -492,7 +493,7 @@ def export_ema_weights(row: Row, trials: list[Trial], path: str) -> str:
     from p2core.errors import UserError
 
     first = next(t for t in trials if t.trial_id == row.trials[0])
-    folder = S.join(first.dir, "p2", "ema_snapshots")
+    folder = TF.snapshots_dir(first.dir)
     names = [n for n in (S.listdir(folder) if S.isdir(folder) else []) if phema.SNAPSHOT_NAME.match(n)
              and int(phema.SNAPSHOT_NAME.match(n).group(1)) <= row.images_seen]
     if not names:

@@ -8,6 +8,7 @@ import os
 from ray.tune import Callback
 
 from .. import compat
+from ..storage import trial_files as TF
 from .client import Retrying, client, one_line
 from .runs import TrialRuns, close_run, result_metrics
 from .repair import queue_pending
@@ -115,11 +116,10 @@ def trial_files_dir(trial, exp_dir: str) -> str:
     stored = storage.join(exp_dir, os.path.basename(trial.path.rstrip("/"))) if trial.path else ""
     # its working directory here, else the driver's staging folder (where earlier p2sweep versions wrote p2/)
     local = _working_dir(trial) or compat.trial_staging_dir(trial)
-    has_stored = bool(stored) and storage.isdir(storage.join(stored, "p2"))
-    has_local = bool(local) and os.path.isdir(os.path.join(local, "p2"))
+    has_stored = bool(stored) and storage.isdir(TF.files_dir(stored))
+    has_local = bool(local) and os.path.isdir(TF.files_dir(local))
     if has_stored and has_local:
-        size = lambda d: storage.file_sizes(storage.join(d, "p2")).get("metrics.jsonl", -1)
-        return local if size(local) > size(stored) else stored
+        return local if TF.metrics_size(local) > TF.metrics_size(stored) else stored
     if has_stored:
         return stored
     if has_local:

@@ -12,8 +12,8 @@ from .. import compat
 from ..record.replicate import Replicate
 from ..storage import layout as L
 from .client import Retrying, client, one_line
-from .runs import (REPLICATE, ROLE, TRIAL_ID, TrialRuns, close_run, ensure_experiment, log_trial_files,
-                   trial_file_sizes)
+from ..storage import trial_files as TF
+from .runs import REPLICATE, ROLE, TRIAL_ID, TrialRuns, close_run, ensure_experiment, log_trial_files
 
 log = logging.getLogger("p2sweep.tracking")
 
@@ -132,7 +132,7 @@ def backfill_artifacts(uri: str, experiment: str, parent_id: str, trials: list) 
         rid = runs.get(Replicate.of(t.config).key)
         if not rid or not t.dir:
             continue
-        stored = trial_file_sizes(t.dir)
+        stored = TF.run_file_sizes(t.dir)
         if not stored:
             continue
         have = {a.path: a.file_size for a in c.list_artifacts(rid) if not a.is_dir}

@@ -10,6 +10,7 @@ import time
 
 from .. import compat
 from ..storage import layout as L
+from ..storage import trial_files as TF
 from ..record.replicate import Replicate, trial_config
 from ..record.trial_report import TrialReport
 from .client import Retrying, client
@@ -144,9 +145,6 @@ class TrialRuns:
     def log_artifacts(self, rid: str, trial_dir: str) -> None:
         log_trial_files(self.c, rid, trial_dir)
 
-TRIAL_FILES = ("config.yaml", "loss.png", "metrics.jsonl")  # and samples/*: a trial's own files, as run artifacts
-
-
 def log_trial_files(c, rid: str, trial_dir: str, only=None) -> None:
     """The trial's own files (its `p2/` folder in the storage) as the run's artifacts; with `only`, just those
     (paths relative to `p2/`: "metrics.jsonl", "samples/grid_....png")."""
@@ -157,14 +155,15 @@ def log_trial_files(c, rid: str, trial_dir: str, only=None) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             if only is None:
-                if storage.download(storage.join(trial_dir, "p2"), os.path.join(tmp, "p2")):
+                if storage.download(TF.files_dir(trial_dir), os.path.join(tmp, TF.P2)):
                     log_trial_files(c, rid, tmp)
             else:
                 for rel in only:
-                    storage.download(storage.join(trial_dir, "p2", *rel.split("/")), os.path.join(tmp, "p2", rel))
+                    storage.download(storage.join(TF.files_dir(trial_dir), *rel.split("/")),
+                                     os.path.join(tmp, TF.P2, rel))
                 log_trial_files(c, rid, tmp, only)
         return
-    d = os.path.join(trial_dir, "p2")
+    d = TF.files_dir(trial_dir)
     if not os.path.isdir(d):
         return
     if only is not None:
@@ -172,22 +171,12 @@ def log_trial_files(c, rid: str, trial_dir: str, only=None) -> None:
             if os.path.isfile(os.path.join(d, rel)):
                 c.log_artifact(rid, os.path.join(d, rel), os.path.dirname(rel) or None)
         return
-    for name in TRIAL_FILES:
+    for name in TF.RUN_FILES:
         if os.path.exists(os.path.join(d, name)):
             c.log_artifact(rid, os.path.join(d, name))
-    sd = os.path.join(d, "samples")
+    sd = TF.samples_dir(trial_dir)
     if os.path.isdir(sd):
-        c.log_artifacts(rid, sd, "samples")
-
-
-def trial_file_sizes(trial_dir: str) -> dict:
-    """{"metrics.jsonl": size, "samples/grid_...png": size, ...}: the trial's own files in `trial_dir`/p2."""
-    from ..storage import fs as storage
-
-    p2 = storage.join(trial_dir, "p2")
-    out = {k: v for k, v in storage.file_sizes(p2).items() if k in TRIAL_FILES}
-    out.update({f"samples/{k}": v for k, v in storage.file_sizes(storage.join(p2, "samples")).items()})
-    return out
+        c.log_artifacts(rid, sd, TF.SAMPLES)
 
 
 def result_metrics(metric: str, result: dict) -> list:

@@ -20,7 +20,7 @@ from ..results import trials as R
 from ..storage import fs as S
 from ..storage import layout as L
 from ..storage import tune_state
-from ..record.meta import META, STATES, Paths, SweepMeta, load_meta, storage_root, validate_name
+from ..record.meta import META, STATES, VERSION, Paths, SweepMeta, load_meta, storage_root, validate_name
 from ..record.spec import SweepSpec
 
 
@@ -299,6 +299,8 @@ def resume(name: str, storage: str | None, address: str | None, time_budget_s: f
     from ..tracking.repair import follow_move
 
     follow_move(meta)
+    if meta.read_version < VERSION:  # a sweep of an older p2sweep: from now on its record is read, not re-parsed
+        meta.save()
     if spec.search.algorithm == "optuna":
         from .schedulers import open_study
 

@@ -36,6 +36,7 @@ from p2core.errors import UserError
 
 from .. import compat
 from ..record.replicate import Replicate
+from ..record.spec import num_configs
 from ..record.trial_report import RUNG_METRIC, RUNG_SCORE, TrialReport, finite_or_inf, group_choice, group_score
 
 check_versions, TESTED_RAY, TESTED_OPTUNA = compat.check_versions, compat.TESTED_RAY, compat.TESTED_OPTUNA  # old names
@@ -309,7 +310,7 @@ class GroupSearcher(Searcher):
         grid = [(k, vals) for k, (kind, vals) in space.items() if kind == "grid"]
         self.grid_keys = [k for k, _ in grid]
         self.grid_points = [list(p) for p in itertools.product(*[v for _, v in grid])] or [[]]
-        self.n_configs = num_samples if algorithm == "optuna" else num_samples * len(self.grid_points)
+        self.n_configs = num_configs(space, algorithm, num_samples)
         self.groups: dict = {}   # group -> {"params", "optuna", "outcomes": {seed: (status, value)}, "steps", "told"}
         self.queue: list = []    # (group, seed) still to hand out
         self.trial_group: dict = {}  # trial_id -> (group, seed)
@@ -317,9 +318,6 @@ class GroupSearcher(Searcher):
         self.adoptable: list = []  # Optuna trial numbers asked but never told or handed out (lost in a crash)
         self._checked = False
         self._study = None
-
-    def num_trials(self) -> int:
-        return self.n_configs * len(self.seeds)
 
     # state (Tune saves it with its experiment state, every ~10 s and at the end)
     def get_state(self) -> dict:

@@ -15,6 +15,7 @@ from p2core.config import TrainingConfig
 
 from ..record.replicate import trial_config
 from ..record.trial_report import TrialReport
+from ..storage import trial_files as TF
 
 
 @dataclass
@@ -94,13 +95,11 @@ def placement(device: str) -> dict:
     return {"gpus": gpus, "device": dev}
 
 
-FILES = "p2_files"  # in a Tune checkpoint: the trial's metrics.jsonl and sample grids as of that report
-
-
 def copy_trial_files(src: str, dst: str) -> None:
+    """The files a Tune checkpoint carries (trial_files.CARRIED), from one local `p2/` folder to another."""
     import shutil
 
-    for name in ("metrics.jsonl", "samples"):
+    for name in TF.CARRIED:
         s = os.path.join(src, name)
         if os.path.isfile(s):
             os.makedirs(dst, exist_ok=True)
@@ -109,14 +108,11 @@ def copy_trial_files(src: str, dst: str) -> None:
             shutil.copytree(s, os.path.join(dst, name), dirs_exist_ok=True)
 
 
-SNAPSHOTS = "ema_snapshots"  # the power EMA's snapshot files, in the trial's p2/ folder in the storage
-
-
 def snapshot_dir(working_dir: str) -> str:
     """Where a trial keeps its power-EMA snapshots on its node: beside its working directory, not in it (Ray's
     artifact sync uploads the whole working directory at every report, so N snapshots there would be uploaded
     N times over); each is uploaded once, when taken (`put_file`)."""
-    return working_dir.rstrip("/") + "." + SNAPSHOTS
+    return working_dir.rstrip("/") + "." + TF.SNAPSHOTS
 
 
 def put_file(fs, local: str, remote: str, attempts: int = 3) -> None:
@@ -156,7 +152,7 @@ def fetch_snapshots(fs, remote_p2: str, local: str) -> list[str]:
     from p2core.atomic import atomic_write
     from p2core.phema import SNAPSHOT_NAME
 
-    remote = f"{remote_p2.rstrip('/')}/{SNAPSHOTS}"
+    remote = f"{remote_p2.rstrip('/')}/{TF.SNAPSHOTS}"
     if fs.get_file_info(remote).type != pafs.FileType.Directory:
         return []
     got = []
@@ -185,7 +181,7 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     # "Checkpoint successfully created at: ..." at every report reaches the driver's console otherwise
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     work = trial_working_dir()
-    out_dir, snaps = os.path.join(work, "p2"), snapshot_dir(work)
+    out_dir, snaps = os.path.join(work, TF.P2), snapshot_dir(work)
     node_ip = ray.util.get_node_ip_address()  # 127.0.0.1 for the embedded local Ray (tests check it)
     node = node_label()
     # where this trial's reference statistics came from, reported with every result (a sweep computes them once)
@@ -199,12 +195,12 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
         from .. import compat
 
         fs, remote = compat.trial_storage_folder(tune.get_context().get_storage())
-        return fs, f"{remote}/p2"
+        return fs, f"{remote}/{TF.P2}"
 
     class Hooks:
         def on_snapshot(self, trainer, path):  # uploaded before the checkpoint that lists it is reported
             fs, remote = trial_storage()
-            put_file(fs, path, f"{remote}/{SNAPSHOTS}/{os.path.basename(path)}")
+            put_file(fs, path, f"{remote}/{TF.SNAPSHOTS}/{os.path.basename(path)}")
 
         def on_log(self, trainer, rec):
             pending_log.append({k: v for k, v in rec.items() if k != "kind"})
@@ -229,7 +225,7 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
                 atomic_torch_save(trainer.state(), os.path.join(d, "trainer.pt"))
                 # the trial's own files ride in the checkpoint: a retried or resumed trial, on any node, continues
                 # one metrics.jsonl and keeps its earlier sample grids
-                copy_trial_files(out_dir, os.path.join(d, FILES))
+                copy_trial_files(out_dir, os.path.join(d, TF.IN_CHECKPOINT))
                 tune.report(rep.to_result(), checkpoint=tune.Checkpoint.from_directory(d))
 
     def make_trainer(resume_from=None):
@@ -240,7 +236,7 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
     ck = tune.get_checkpoint()
     if ck is not None:  # a retried or resumed trial continues from its last reported checkpoint
         with ck.as_directory() as d:
-            copy_trial_files(os.path.join(d, FILES), out_dir)
+            copy_trial_files(os.path.join(d, TF.IN_CHECKPOINT), out_dir)
             if cfg.train.ema.type == "power":  # snapshots are not in checkpoints: each is in the storage
                 fetch_snapshots(*trial_storage(), snaps)
             trainer = make_trainer(os.path.join(d, "trainer.pt"))
