@@ -836,6 +836,38 @@ def test_ema_rule_best_in_reports_asha_and_optuna(tmp_path):
     assert o2.study.get_trials()[0].value == pytest.approx(0.2)
 
 
+def test_ema_rule_best_status_and_console_show_what_asha_compared(tmp_path):
+    """Under ema_rule best a configuration's seeds are compared at one EMA, chosen over the seeds together: the
+    status table (and so the report's stopped seeds) and the console's rung cell show each seed's value at that
+    EMA, not its tracked EMA's (seed 0: 0.25 at 0.05, not 0.30; seed 1: 0.29, not 0.26)."""
+    import io
+
+    from sweeps.record.trial_report import TrialReport
+    from sweeps.results.trials import load_trials, status_rows
+    from sweeps.tune.console import SweepConsole
+
+    cands = {0: {"tracked": 0.30, "0.05": 0.25}, 1: {"tracked": 0.26, "0.05": 0.29}}
+    d = tmp_path / "sw"
+    results = {}
+    for seed, c in cands.items():
+        cfg = {"train.lr": 0.001, "p2sweep_group": 0, "train.seed": seed}
+        res = TrialReport.make("m", None, 128, evaluated=False, rung_metric="r", rung_value=c["tracked"],
+                               rung_candidates=c, evals={"r": c["tracked"], "r_ema0.05": c["0.05"]}).to_result()
+        results[seed] = dict(res, trial_id=f"t{seed}", config=cfg)
+        os.makedirs(d / f"t{seed}")
+        (d / f"t{seed}" / "result.json").write_text(json.dumps(results[seed]) + "\n")
+    trials = load_trials(str(d), "m")
+    assert sorted(t.last_rung for t in trials) == [(128, "r_ema0.05", 0.25), (128, "r_ema0.05", 0.29)]
+    header, rows = status_rows(trials, "m")
+    assert sorted(r[-1] for r in rows) == ["r_ema0.05 = 0.25 at 128", "r_ema0.05 = 0.29 at 128"]
+    con = SweepConsole("m", 384, ["train.lr"], stream=io.StringIO())
+    for seed in cands:
+        t = fake_trial(f"t{seed}", results[seed]["config"])
+        con.on_trial_result(0, [], t, results[seed])
+    cells = [r["rung"] for r in con._rows.values()]
+    assert cells == ["128: r_ema0.05 0.25", "128: r_ema0.05 0.29"], cells
+
+
 def test_ema_rule_best_is_refused_with_a_searched_ema():
     from p2core.errors import UserError
     from sweeps.record.spec import parse_sweep

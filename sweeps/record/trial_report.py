@@ -61,6 +61,24 @@ def group_score(values) -> float:
     return group_choice(values)[0]
 
 
+def judged_at(values: dict) -> dict:
+    """What ASHA compared for each seed of one configuration at one rung: {key: (metric suffix EMA, value)} from
+    {key: judged} (a report's `judged`: its EMA candidates under scheduler.ema_rule best, else its rung score). With
+    candidates, each seed's value is the one at the EMA `group_choice` picks for the seeds together (None for the
+    tracked one); a plain value stands as it is."""
+    from p2core.metrics import TRACKED
+
+    _, ema = group_choice(values.values())
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            pick = ema if ema in v else TRACKED
+            out[k] = (None if pick == TRACKED else pick, finite_or_inf(v.get(pick))[0])
+        else:
+            out[k] = (None, v)
+    return out
+
+
 def finite_or_inf(v) -> tuple[float, bool]:
     """(value, was_nonfinite): NaN/inf/None -> (+inf, True)."""
     try:

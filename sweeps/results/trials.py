@@ -117,6 +117,7 @@ class Trial:
     node_ip: str = ""
     node: str = ""         # the Ray nodes it reported from, in order ("node_b > 3f2a9c01" after a node was lost)
     last_rung: tuple = ()  # (images_seen, rung metric, rung score) of the last report: what ASHA judged last
+    judged: dict = field(default_factory=dict)  # images_seen -> what ASHA compares there (TrialReport.judged)
 
     @property
     def params(self) -> dict:
@@ -172,8 +173,29 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
             node=" > ".join(_runs_of([r.node for r in reps if r.node])),
-            last_rung=_last_rung(last, metric)))
+            last_rung=_last_rung(last, metric), judged={r.images_seen: r.judged for r in reps}))
+    _judge_on_the_chosen_ema(trials)
     return trials
+
+
+def _judge_on_the_chosen_ema(trials: list) -> None:
+    """Under scheduler.ema_rule best, a trial's last rung is what ASHA compared there: its value at the EMA its
+    configuration's seeds chose together (from their reports at that rung), the metric named with that EMA
+    (`rkid1k_ddim10_ema0.05`), not its tracked EMA's rung value."""
+    from p2core.metrics import with_ema
+
+    from ..record.trial_report import judged_at
+
+    groups: dict = {}
+    for t in trials:
+        groups.setdefault(t.config_key, []).append(t)
+    for t in trials:
+        if not t.last_rung or not isinstance(t.judged.get(t.last_rung[0]), dict):
+            continue
+        i, m, _ = t.last_rung
+        seeds = {x.trial_id: x.judged[i] for x in groups[t.config_key] if i in x.judged}
+        ema, value = judged_at(seeds)[t.trial_id]
+        t.last_rung = (i, m if ema is None else with_ema(m, ema), value)
 
 
 def _runs_of(xs: list) -> list:

@@ -19,7 +19,7 @@ from ray.tune import Callback
 
 from ..compat import MLFLOW_DB_LOGGER
 from ..record.replicate import Replicate
-from ..record.trial_report import TrialReport
+from ..record.trial_report import TrialReport, judged_at
 from ..results.table import format_table
 
 QUIET_ENV = {
@@ -115,9 +115,25 @@ class SweepConsole(Callback):
         r = self._row(trial)
         r["state"], r["images"] = "RUNNING", rep.images_seen
         r["rung"] = f"{rep.images_seen:,}: {rep.rung_metric} {_fmt(rep.rung_value)}"
+        if rep.rung_candidates:  # scheduler.ema_rule best: what ASHA compares is the EMA the seeds choose together
+            r.setdefault("judged", {})[rep.images_seen] = (rep.rung_metric, rep.judged)
+            self._judge(Replicate.of(r["config"]).config_key, rep.images_seen)
         if rep.value is not None and math.isfinite(rep.value):
             r["best"] = rep.value if r["best"] is None else min(r["best"], rep.value)
         self._dirty = True
+
+    def _judge(self, group_key, images: int) -> None:
+        """The rung cells of one configuration's seeds whose last report is at `images`, at the EMA their reports
+        there choose together (`record.trial_report.judged_at`), as ASHA compares them."""
+        from p2core.metrics import with_ema
+
+        mine = {tid: r for tid, r in self._rows.items() if Replicate.of(r["config"]).config_key == group_key
+                and images in r.get("judged", {})}
+        for tid, (ema, value) in judged_at({tid: r["judged"][images][1] for tid, r in mine.items()}).items():
+            r = mine[tid]
+            if r["images"] == images:
+                m = r["judged"][images][0]
+                r["rung"] = f"{images:,}: {m if ema is None else with_ema(m, ema)} {_fmt(value)}"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         res = trial.last_result or {}
