@@ -218,6 +218,10 @@ def _coerce(value, tp, key: str):
                 return float(value)
             except ValueError:
                 pass
+        if key.endswith("train.ema_rate") and isinstance(value, str) and "," in value:
+            raise UserError(f"{key}: {value!r}: a comma list of classic rates (guided-diffusion) is not supported; "
+                            "track one rate, or use train.ema: {type: power} and eval.ema_sigma_rels to evaluate "
+                            "EMAs of several lengths from one run")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}")
         return float(value)

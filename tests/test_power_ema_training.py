@@ -83,8 +83,10 @@ def test_ema_config_errors_name_the_dotted_key(ema, train, msg):
 
 
 def test_classic_ema_rate_stays_one_float():
-    # guided-diffusion's comma list of classic rates is not accepted: ema_rate keeps its type (a float)
-    with pytest.raises(UserError, match=r"^train\.ema_rate: expected a number"):
+    # guided-diffusion's comma list of classic rates is not accepted: ema_rate keeps its type (a float); the error
+    # says what to use instead
+    with pytest.raises(UserError, match=r"^train\.ema_rate: '0\.9999,0\.999': a comma list of classic rates .*"
+                                        r"eval\.ema_sigma_rels"):
         tiny_cfg(train={"ema_rate": "0.9999,0.999"})
     assert tiny_cfg(train={"ema_rate": "0.999"}).train.ema_rate == 0.999
     # a classic EMA ignores the power keys, and a power EMA needs no snapshot interval of its own

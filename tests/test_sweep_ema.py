@@ -1,6 +1,7 @@
 """Post-hoc EMAs (a power-function EMA, eval.ema_sigma_rels, eval.ema_choose_on) through a local Ray: rows per
 (configuration, steps, EMA), the MLflow metrics, the report and `best --export` of an EMA row. A file of its own
 so that it runs beside test_sweep.py's long fault-injected fixture."""
+import glob
 import os
 
 import yaml
@@ -33,6 +34,9 @@ def test_post_hoc_emas_are_rows_like_sampling_steps_and_export_loads_strictly(tm
     assert {f"{M}_ema0.07", f"{M}_ema0.15", "rkid32_ddim10_ema0.07"} <= set(t.points[128])
     snaps = phema.list_snapshots(os.path.join(t.dir, "p2", "ema_snapshots"))  # uploaded once each, when taken
     assert [n for n, _ in snaps] == [32, 64, 96, 128]
+    # and the node's own copies (beside the trial's working folder in Ray's session) are gone with the trial
+    work = glob.glob("/tmp/ray/session_latest/artifacts/*/posthoc/working_dirs/*")
+    assert work and not [w for w in work if w.endswith(".ema_snapshots")], work
     rows = R.group_rows([t], M, 128, 1)
     assert sorted((r.spec, r.ema_label) for r in rows) == sorted(
         (s, e) for s in ("ddim5", "ddim10") for e in ("tracked", "0.07", "0.15"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 
@@ -97,8 +98,6 @@ def placement(device: str) -> dict:
 
 def copy_trial_files(src: str, dst: str) -> None:
     """The files a Tune checkpoint carries (trial_files.CARRIED), from one local `p2/` folder to another."""
-    import shutil
-
     for name in TF.CARRIED:
         s = os.path.join(src, name)
         if os.path.isfile(s):
@@ -253,3 +252,7 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
         del trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    # each snapshot was uploaded to the storage when taken: the node's copies go when the trial ends (Ray's session
+    # folder keeps them otherwise, 375 MB per snapshot for the paper config); a trial that raised keeps them, for a
+    # retry on this node if an upload failed
+    shutil.rmtree(snaps, ignore_errors=True)
