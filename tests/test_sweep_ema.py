@@ -35,7 +35,8 @@ def test_post_hoc_emas_are_rows_like_sampling_steps_and_export_loads_strictly(tm
     snaps = phema.list_snapshots(os.path.join(t.dir, "p2", "ema_snapshots"))  # uploaded once each, when taken
     assert [n for n, _ in snaps] == [32, 64, 96, 128]
     # and the node's own copies (beside the trial's working folder in Ray's session) are gone with the trial
-    work = glob.glob("/tmp/ray/session_latest/artifacts/*/posthoc/working_dirs/*")
+    # (any of Ray's sessions: each xdist worker has its own; the trial's folder name holds its id)
+    work = glob.glob(f"/tmp/ray/session_*/artifacts/*/posthoc/working_dirs/{os.path.basename(t.dir)}*")
     assert work and not [w for w in work if w.endswith(".ema_snapshots")], work
     rows = R.group_rows([t], M, 128, 1)
     assert sorted((r.spec, r.ema_label) for r in rows) == sorted(

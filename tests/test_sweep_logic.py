@@ -837,35 +837,58 @@ def test_ema_rule_best_in_reports_asha_and_optuna(tmp_path):
 
 
 def test_ema_rule_best_status_and_console_show_what_asha_compared(tmp_path):
-    """Under ema_rule best a configuration's seeds are compared at one EMA, chosen over the seeds together: the
-    status table (and so the report's stopped seeds) and the console's rung cell show each seed's value at that
-    EMA, not its tracked EMA's (seed 0: 0.25 at 0.05, not 0.30; seed 1: 0.29, not 0.26)."""
+    """Under ema_rule best a configuration's seeds are compared at one EMA, chosen over the seeds together at each
+    rung from each seed's first report at or after it (a seed that got there first trains on to its next report),
+    a seed that diverged before it counting +inf: the status table (and so the report's stopped seeds) and the
+    console's rung cell show each seed's value as ASHA compared it. Configuration 0: at the 128-image rung 0.05
+    wins (mean 0.27 against 0.28), so seed 0 shows 0.25 at 128, neither its tracked 0.30 nor its later report at
+    192 (where alone it would be judged at the tracked EMA, 0.10); seed 1 shows 0.29, not its tracked 0.26.
+    Configuration 1: its seed 0 diverged at 64, so every EMA's mean is +inf and ASHA named the first, 0.05: seed 1
+    shows 0.3 there, not its own best (tracked, 0.2)."""
     import io
 
     from sweeps.record.trial_report import TrialReport
     from sweeps.results.trials import load_trials, status_rows
     from sweeps.tune.console import SweepConsole
 
-    cands = {0: {"tracked": 0.30, "0.05": 0.25}, 1: {"tracked": 0.26, "0.05": 0.29}}
+    def rep(images, c=None, diverged=False):
+        if diverged:
+            return TrialReport.make("m", float("inf"), images, final=True, diverged=True).to_result()
+        return TrialReport.make("m", None, images, evaluated=False, rung_metric="r", rung_value=c["tracked"],
+                                rung_candidates=c, evals={"r": c["tracked"], "r_ema0.05": c["0.05"]}).to_result()
+
+    reports = {(0, 0): [rep(128, {"tracked": 0.30, "0.05": 0.25}), rep(192, {"tracked": 0.10, "0.05": 0.50})],
+               (0, 1): [rep(128, {"tracked": 0.26, "0.05": 0.29})],
+               (1, 0): [rep(64, diverged=True)],
+               (1, 1): [rep(128, {"tracked": 0.20, "0.05": 0.30})]}
     d = tmp_path / "sw"
     results = {}
-    for seed, c in cands.items():
-        cfg = {"train.lr": 0.001, "p2sweep_group": 0, "train.seed": seed}
-        res = TrialReport.make("m", None, 128, evaluated=False, rung_metric="r", rung_value=c["tracked"],
-                               rung_candidates=c, evals={"r": c["tracked"], "r_ema0.05": c["0.05"]}).to_result()
-        results[seed] = dict(res, trial_id=f"t{seed}", config=cfg)
-        os.makedirs(d / f"t{seed}")
-        (d / f"t{seed}" / "result.json").write_text(json.dumps(results[seed]) + "\n")
-    trials = load_trials(str(d), "m")
-    assert sorted(t.last_rung for t in trials) == [(128, "r_ema0.05", 0.25), (128, "r_ema0.05", 0.29)]
+    for (g, seed), rows in reports.items():
+        cfg = {"train.lr": 0.001 * (g + 1), "p2sweep_group": g, "train.seed": seed}
+        results[(g, seed)] = [dict(r, trial_id=f"t{g}{seed}", config=cfg) for r in rows]
+        os.makedirs(d / f"t{g}{seed}")
+        (d / f"t{g}{seed}" / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results[(g, seed)]))
+    want = {"t00": (128, "r_ema0.05", 0.25), "t01": (128, "r_ema0.05", 0.29), "t11": (128, "r_ema0.05", 0.30)}
+    trials = load_trials(str(d), "m", milestones=[128])
+    assert {t.trial_id: t.last_rung for t in trials if t.trial_id in want} == want
+    assert next(t for t in trials if t.trial_id == "t10").state == "DIVERGED"
     header, rows = status_rows(trials, "m")
-    assert sorted(r[-1] for r in rows) == ["r_ema0.05 = 0.25 at 128", "r_ema0.05 = 0.29 at 128"]
-    con = SweepConsole("m", 384, ["train.lr"], stream=io.StringIO())
-    for seed in cands:
-        t = fake_trial(f"t{seed}", results[seed]["config"])
-        con.on_trial_result(0, [], t, results[seed])
-    cells = [r["rung"] for r in con._rows.values()]
-    assert cells == ["128: r_ema0.05 0.25", "128: r_ema0.05 0.29"], cells
+    cells = {r[0]: r[-1] for r in rows}
+    assert cells["t00"] == "r_ema0.05 = 0.25 at 128" and cells["t11"] == "r_ema0.05 = 0.3 at 128", cells
+    # without the milestones (the rungs are the spec's), each trial shows its own last report, as before
+    assert next(t for t in load_trials(str(d), "m") if t.trial_id == "t00").last_rung == (192, "r", 0.10)
+    # the console, live, in the order the reports came
+    con = SweepConsole("m", 384, ["train.lr"], stream=io.StringIO(), milestones=[128])
+    order = [((0, 0), 0), ((0, 1), 0), ((0, 0), 1), ((1, 0), 0), ((1, 1), 0)]
+    for (g, seed), i in order:
+        res = results[(g, seed)][i]
+        t = types.SimpleNamespace(trial_id=f"t{g}{seed}", config=res["config"], status="RUNNING", last_result=res)
+        con.on_trial_result(0, [], t, res)
+        if res.get("diverged"):
+            con.on_trial_complete(0, [], t)
+    got = {tid: r["rung"] for tid, r in con._rows.items()}
+    assert got["t00"] == "128: r_ema0.05 0.25" and got["t01"] == "128: r_ema0.05 0.29", got
+    assert got["t11"] == "128: r_ema0.05 0.3", got
 
 
 def test_ema_rule_best_is_refused_with_a_searched_ema():

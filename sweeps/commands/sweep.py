@@ -54,7 +54,7 @@ def cmd_resume(args) -> int:
 
 def _trials(name, storage):
     meta = load_meta(name, storage)
-    return meta, R.load_trials(meta.dir, meta.metric)
+    return meta, R.load_trials(meta.dir, meta.metric, meta.spec.milestones())
 
 
 def _baseline_rows(meta):

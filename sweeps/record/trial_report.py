@@ -79,6 +79,23 @@ def judged_at(values: dict) -> dict:
     return out
 
 
+def rung_view(reports: dict, ended: set, milestone: int) -> dict:
+    """What ASHA compared for one configuration at `milestone`, as GroupASHA records it: each seed's first report at
+    or after the milestone (a seed that got there first trains on to its next report), a seed in `ended` (diverged
+    or raised before it) as +inf, and under scheduler.ema_rule best one EMA for all (`judged_at`). `reports`: {key:
+    {images_seen: (rung metric, judged)}}. Returns {key: (images_seen, rung metric, EMA or None, value)} for the
+    seeds that reached it."""
+    vals, at = {}, {}
+    for k, reps in reports.items():
+        p = min((i for i in reps if i >= milestone), default=None)
+        if p is not None:
+            at[k], vals[k] = p, reps[p][1]
+        elif k in ended:
+            vals[k] = math.inf
+    judged = judged_at(vals)
+    return {k: (p, reports[k][p][0], *judged[k]) for k, p in at.items()}
+
+
 def finite_or_inf(v) -> tuple[float, bool]:
     """(value, was_nonfinite): NaN/inf/None -> (+inf, True)."""
     try:

@@ -117,7 +117,7 @@ class Trial:
     node_ip: str = ""
     node: str = ""         # the Ray nodes it reported from, in order ("node_b > 3f2a9c01" after a node was lost)
     last_rung: tuple = ()  # (images_seen, rung metric, rung score) of the last report: what ASHA judged last
-    judged: dict = field(default_factory=dict)  # images_seen -> what ASHA compares there (TrialReport.judged)
+    judged: dict = field(default_factory=dict)  # images_seen -> (rung metric, what ASHA compares: TrialReport.judged)
 
     @property
     def params(self) -> dict:
@@ -139,7 +139,9 @@ class Trial:
         return min(vals) if vals else None
 
 
-def load_trials(d: str, metric: str) -> list[Trial]:
+def load_trials(d: str, metric: str, milestones: list | None = None) -> list[Trial]:
+    """The sweep's trials. With `milestones` (ASHA's rungs below the end: the spec's), a trial's `last_rung` under
+    scheduler.ema_rule best is what ASHA compared at the last rung it reached."""
     states = known_states(d)
     dirs = {}
     for rj in S.children_with(d, "result.json"):
@@ -173,29 +175,34 @@ def load_trials(d: str, metric: str) -> list[Trial]:
             history=[(r.images_seen, r.value) for r in reps if r.evaluated], checkpoints=ckpts,
             diverged=bool(last and last.diverged), node_ip=last.node_ip if last else "",
             node=" > ".join(_runs_of([r.node for r in reps if r.node])),
-            last_rung=_last_rung(last, metric), judged={r.images_seen: r.judged for r in reps}))
-    _judge_on_the_chosen_ema(trials)
+            last_rung=_last_rung(last, metric),
+            judged={r.images_seen: (r.rung_metric, r.judged) for r in reps}))
+    if milestones:
+        _judge_on_the_chosen_ema(trials, milestones)
     return trials
 
 
-def _judge_on_the_chosen_ema(trials: list) -> None:
-    """Under scheduler.ema_rule best, a trial's last rung is what ASHA compared there: its value at the EMA its
-    configuration's seeds chose together (from their reports at that rung), the metric named with that EMA
-    (`rkid1k_ddim10_ema0.05`), not its tracked EMA's rung value."""
+def _judge_on_the_chosen_ema(trials: list, milestones: list) -> None:
+    """Under scheduler.ema_rule best, a trial's last rung is what ASHA compared at the last milestone it reached
+    (`record.trial_report.rung_view`, as GroupASHA records it): its value at the EMA its configuration's seeds chose
+    together there, the metric named with that EMA (`rkid1k_ddim10_ema0.05`), not its tracked EMA's rung value."""
     from p2core.metrics import with_ema
 
-    from ..record.trial_report import judged_at
+    from ..record.trial_report import rung_view
 
     groups: dict = {}
     for t in trials:
-        groups.setdefault(t.config_key, []).append(t)
+        groups.setdefault(t.group, []).append(t)
     for t in trials:
-        if not t.last_rung or not isinstance(t.judged.get(t.last_rung[0]), dict):
+        m = max((x for x in milestones if t.judged and x <= max(t.judged)), default=None)
+        if m is None or not any(isinstance(j, dict) for _, j in t.judged.values()):
             continue
-        i, m, _ = t.last_rung
-        seeds = {x.trial_id: x.judged[i] for x in groups[t.config_key] if i in x.judged}
-        ema, value = judged_at(seeds)[t.trial_id]
-        t.last_rung = (i, m if ema is None else with_ema(m, ema), value)
+        seeds = groups[t.group]
+        ended = {x.trial_id for x in seeds if x.state in ("DIVERGED", "ERROR") and max(x.judged, default=0) < m}
+        view = rung_view({x.trial_id: x.judged for x in seeds}, ended, m).get(t.trial_id)
+        if view is not None:
+            p, rm, ema, value = view
+            t.last_rung = (p, rm if ema is None else with_ema(rm, ema), value)
 
 
 def _runs_of(xs: list) -> list:

@@ -136,7 +136,7 @@ def backfill_artifacts(uri: str, experiment: str, parent_id: str, trials: list) 
         if not stored:
             continue
         have = {a.path: a.file_size for a in c.list_artifacts(rid) if not a.is_dir}
-        have.update({a.path: a.file_size for a in c.list_artifacts(rid, "samples") if not a.is_dir})
+        have.update({a.path: a.file_size for a in c.list_artifacts(rid, TF.SAMPLES) if not a.is_dir})
         stale = sorted(rel for rel, size in stored.items() if have.get(rel) != size)
         if stale:
             log_trial_files(c, rid, t.dir, stale)

@@ -19,7 +19,7 @@ from ray.tune import Callback
 
 from ..compat import MLFLOW_DB_LOGGER
 from ..record.replicate import Replicate
-from ..record.trial_report import TrialReport, judged_at
+from ..record.trial_report import TrialReport, rung_view
 from ..results.table import format_table
 
 QUIET_ENV = {
@@ -87,8 +87,10 @@ def _fmt(v) -> str:
 class SweepConsole(Callback):
     """The sweep's table on the driver's console (a Tune Callback; never raises into Tune)."""
 
-    def __init__(self, metric: str, max_images: int, params: list, interval: float = 30.0, stream=None):
+    def __init__(self, metric: str, max_images: int, params: list, interval: float = 30.0, stream=None,
+                 milestones: list | None = None):
         self.metric, self.max_images, self.params, self.interval = metric, int(max_images), list(params), interval
+        self.milestones = list(milestones or [])  # ASHA's rungs below the end (scheduler.ema_rule best cells)
         self.stream = stream
         self._rows: dict = {}
         self._last = 0.0
@@ -115,35 +117,51 @@ class SweepConsole(Callback):
         r = self._row(trial)
         r["state"], r["images"] = "RUNNING", rep.images_seen
         r["rung"] = f"{rep.images_seen:,}: {rep.rung_metric} {_fmt(rep.rung_value)}"
+        r.setdefault("judged", {})[rep.images_seen] = (rep.rung_metric, rep.judged)
         if rep.rung_candidates:  # scheduler.ema_rule best: what ASHA compares is the EMA the seeds choose together
-            r.setdefault("judged", {})[rep.images_seen] = (rep.rung_metric, rep.judged)
-            self._judge(Replicate.of(r["config"]).config_key, rep.images_seen)
+            self._judge(Replicate.of(r["config"]).group)
         if rep.value is not None and math.isfinite(rep.value):
             r["best"] = rep.value if r["best"] is None else min(r["best"], rep.value)
         self._dirty = True
 
-    def _judge(self, group_key, images: int) -> None:
-        """The rung cells of one configuration's seeds whose last report is at `images`, at the EMA their reports
-        there choose together (`record.trial_report.judged_at`), as ASHA compares them."""
+    def _judge(self, group: int) -> None:
+        """The rung cells of one configuration's seeds: what ASHA compared at the last milestone each reached
+        (`record.trial_report.rung_view`: each seed at the EMA the seeds choose together)."""
+        try:
+            self._judge_cells(group)
+        except Exception:  # a malformed report is not the console's to judge (and never raises into Tune)
+            pass
+
+    def _judge_cells(self, group: int) -> None:
         from p2core.metrics import with_ema
 
-        mine = {tid: r for tid, r in self._rows.items() if Replicate.of(r["config"]).config_key == group_key
-                and images in r.get("judged", {})}
-        for tid, (ema, value) in judged_at({tid: r["judged"][images][1] for tid, r in mine.items()}).items():
-            r = mine[tid]
-            if r["images"] == images:
-                m = r["judged"][images][0]
-                r["rung"] = f"{images:,}: {m if ema is None else with_ema(m, ema)} {_fmt(value)}"
+        mine = {tid: r for tid, r in self._rows.items() if Replicate.of(r["config"]).group == group}
+        if not any(isinstance(j, dict) for r in mine.values() for _, j in r.get("judged", {}).values()):
+            return  # the tracked rule: each seed's own rung value is what ASHA compares
+        for tid, r in mine.items():
+            m = max((x for x in getattr(self, "milestones", []) if r.get("judged") and x <= max(r["judged"])),
+                    default=None)
+            if m is None:
+                continue
+            ended = {k for k, x in mine.items() if x["state"] in ("DIVERGED", "ERROR")
+                     and max(x.get("judged") or {0: None}) < m}
+            view = rung_view({k: x.get("judged", {}) for k, x in mine.items()}, ended, m).get(tid)
+            if view is not None:
+                p, rm, ema, value = view
+                r["rung"] = f"{p:,}: {rm if ema is None else with_ema(rm, ema)} {_fmt(value)}"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         res = trial.last_result or {}
         r = self._row(trial)
         r["state"] = ("DIVERGED" if res.get("diverged") else "TERMINATED" if res.get("final") else
                       "STOPPED (ASHA)")
+        self._judge(Replicate.of(r["config"]).group)
         self._print()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._row(trial)["state"] = "ERROR"
+        r = self._row(trial)
+        r["state"] = "ERROR"
+        self._judge(Replicate.of(r["config"]).group)  # a seed that raised counts as +inf at the rungs it missed
         self._print()
 
     def on_step_end(self, iteration, trials, **info):

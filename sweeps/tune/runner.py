@@ -163,7 +163,8 @@ def console_callbacks(spec: SweepSpec, verbose: bool) -> list:
     if verbose:
         return console.loggers()
     console.decision_log()
-    return console.loggers() + [console.SweepConsole(spec.metric, spec.max_images, sorted(spec.space))]
+    return console.loggers() + [console.SweepConsole(spec.metric, spec.max_images, sorted(spec.space),
+                                                      milestones=spec.milestones())]
 
 
 def new_tuner(spec: SweepSpec, meta: SweepMeta, ref_file: str, verbose: bool = False):
@@ -429,7 +430,7 @@ def finish(meta: SweepMeta, interrupted: bool = False) -> list:
     from ..tracking.repair import backfill_artifacts, reconcile, write_pending
     from ..tracking.view import set_sweep_view
 
-    trials = R.load_trials(meta.dir, meta.metric)
+    trials = R.load_trials(meta.dir, meta.metric, meta.spec.milestones())
     states = R.known_states(meta.dir)
     try:
         left = write_pending(meta.paths.mlflow_uri, meta.experiment, meta.parent_run_id,

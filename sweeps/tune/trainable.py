@@ -241,18 +241,26 @@ def run_trial(config: dict, base: dict, info: TrialInfo) -> None:
             trainer = make_trainer(os.path.join(d, "trainer.pt"))
     else:
         trainer = make_trainer()
+    # each snapshot was uploaded to the storage when taken: the node's copies go when the trial ends (Ray's session
+    # folder keeps them otherwise, 375 MB per snapshot for the paper config), also when Tune stops it (ASHA, a
+    # budget: Ray's report then raises SystemExit in this thread; best effort, as Ray may tear the actor down
+    # first); a trial that raised keeps them, for a retry on this node if an upload failed
+    ended = False
     try:
         trainer.run()
+        ended = True
     except Diverged as e:
+        ended = True
         rep = TrialReport.make(info.metric, float("inf"), e.images_seen, final=True, diverged=True,
                                diverged_reason=str(e), train_log=list(pending_log), node_ip=node_ip, node=node,
                                reference=ref["source"], **placed)
         tune.report(rep.to_result())
+    except SystemExit:
+        ended = True
+        raise
     finally:
         del trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    # each snapshot was uploaded to the storage when taken: the node's copies go when the trial ends (Ray's session
-    # folder keeps them otherwise, 375 MB per snapshot for the paper config); a trial that raised keeps them, for a
-    # retry on this node if an upload failed
-    shutil.rmtree(snaps, ignore_errors=True)
+        if ended:
+            shutil.rmtree(snaps, ignore_errors=True)
