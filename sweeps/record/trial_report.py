@@ -96,6 +96,29 @@ def rung_view(reports: dict, ended: set, milestone: int) -> dict:
     return {k: (p, reports[k][p][0], *judged[k]) for k, p in at.items()}
 
 
+def judged_rungs(reports: dict, failed: set, milestones: list) -> dict:
+    """Under scheduler.ema_rule best, what ASHA compared for each seed of one configuration at the last milestone it
+    reached (`rung_view`): {key: (images_seen, rung metric named with the EMA, value)}; {} under the tracked rule,
+    where each seed's own rung value is what ASHA compares. `reports`: {key: {images_seen: (rung metric, judged)}};
+    `failed`: the seeds that diverged or raised (+inf at the milestones they did not reach). The one rule of
+    `status`, the report and the console."""
+    from p2core.metrics import with_ema
+
+    if not any(isinstance(j, dict) for reps in reports.values() for _, j in reps.values()):
+        return {}
+    out = {}
+    for k, reps in reports.items():
+        m = max((x for x in milestones if reps and x <= max(reps)), default=None)
+        if m is None:
+            continue
+        ended = {j for j in failed if max(reports.get(j) or {0: None}) < m}
+        view = rung_view(reports, ended, m).get(k)
+        if view is not None:
+            p, rm, ema, value = view
+            out[k] = (p, rm if ema is None else with_ema(rm, ema), value)
+    return out
+
+
 def finite_or_inf(v) -> tuple[float, bool]:
     """(value, was_nonfinite): NaN/inf/None -> (+inf, True)."""
     try:

@@ -184,25 +184,18 @@ def load_trials(d: str, metric: str, milestones: list | None = None) -> list[Tri
 
 def _judge_on_the_chosen_ema(trials: list, milestones: list) -> None:
     """Under scheduler.ema_rule best, a trial's last rung is what ASHA compared at the last milestone it reached
-    (`record.trial_report.rung_view`, as GroupASHA records it): its value at the EMA its configuration's seeds chose
+    (`record.trial_report.judged_rungs`, as GroupASHA records it): its value at the EMA its configuration's seeds chose
     together there, the metric named with that EMA (`rkid1k_ddim10_ema0.05`), not its tracked EMA's rung value."""
-    from p2core.metrics import with_ema
-
-    from ..record.trial_report import rung_view
+    from ..record.trial_report import judged_rungs
 
     groups: dict = {}
     for t in trials:
         groups.setdefault(t.group, []).append(t)
-    for t in trials:
-        m = max((x for x in milestones if t.judged and x <= max(t.judged)), default=None)
-        if m is None or not any(isinstance(j, dict) for _, j in t.judged.values()):
-            continue
-        seeds = groups[t.group]
-        ended = {x.trial_id for x in seeds if x.state in ("DIVERGED", "ERROR") and max(x.judged, default=0) < m}
-        view = rung_view({x.trial_id: x.judged for x in seeds}, ended, m).get(t.trial_id)
-        if view is not None:
-            p, rm, ema, value = view
-            t.last_rung = (p, rm if ema is None else with_ema(rm, ema), value)
+    for seeds in groups.values():
+        cells = judged_rungs({x.trial_id: x.judged for x in seeds},
+                             {x.trial_id for x in seeds if x.state in ("DIVERGED", "ERROR")}, milestones)
+        for x in seeds:
+            x.last_rung = cells.get(x.trial_id, x.last_rung)
 
 
 def _runs_of(xs: list) -> list:

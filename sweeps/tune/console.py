@@ -19,7 +19,7 @@ from ray.tune import Callback
 
 from ..compat import MLFLOW_DB_LOGGER
 from ..record.replicate import Replicate
-from ..record.trial_report import TrialReport, rung_view
+from ..record.trial_report import TrialReport, judged_rungs
 from ..results.table import format_table
 
 QUIET_ENV = {
@@ -126,29 +126,19 @@ class SweepConsole(Callback):
 
     def _judge(self, group: int) -> None:
         """The rung cells of one configuration's seeds: what ASHA compared at the last milestone each reached
-        (`record.trial_report.rung_view`: each seed at the EMA the seeds choose together)."""
+        (`record.trial_report.judged_rungs`: each seed at the EMA the seeds choose together)."""
         try:
             self._judge_cells(group)
         except Exception:  # a malformed report is not the console's to judge (and never raises into Tune)
             pass
 
     def _judge_cells(self, group: int) -> None:
-        from p2core.metrics import with_ema
-
         mine = {tid: r for tid, r in self._rows.items() if Replicate.of(r["config"]).group == group}
-        if not any(isinstance(j, dict) for r in mine.values() for _, j in r.get("judged", {}).values()):
-            return  # the tracked rule: each seed's own rung value is what ASHA compares
-        for tid, r in mine.items():
-            m = max((x for x in getattr(self, "milestones", []) if r.get("judged") and x <= max(r["judged"])),
-                    default=None)
-            if m is None:
-                continue
-            ended = {k for k, x in mine.items() if x["state"] in ("DIVERGED", "ERROR")
-                     and max(x.get("judged") or {0: None}) < m}
-            view = rung_view({k: x.get("judged", {}) for k, x in mine.items()}, ended, m).get(tid)
-            if view is not None:
-                p, rm, ema, value = view
-                r["rung"] = f"{p:,}: {rm if ema is None else with_ema(rm, ema)} {_fmt(value)}"
+        cells = judged_rungs({k: r.get("judged", {}) for k, r in mine.items()},
+                             {k for k, r in mine.items() if r["state"] in ("DIVERGED", "ERROR")},
+                             getattr(self, "milestones", []))
+        for k, (p, name, value) in cells.items():
+            mine[k]["rung"] = f"{p:,}: {name} {_fmt(value)}"
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         res = trial.last_result or {}
